@@ -1,0 +1,225 @@
+"""Configuration: dataclass schema with defaults -> YAML overrides -> dotted CLI overrides -> validation.
+
+The defaults are the MoCo v3 ViT recipe of the paper (ViT-B, batch 4096, AdamW lr 1.5e-4 x bs/256, wd 0.1,
+300 epochs with 40 warm-up, tau 0.2, m 0.99 -> 1 cosine, frozen random patch projection). A YAML file only
+overrides keys that exist in the schema; so do `section.key=value` arguments on the command line.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+from fastvit_ssl.models.vit import ARCH_SPECS
+
+
+class ConfigError(ValueError):
+    """A configuration problem the user can fix; the message says what and how."""
+
+
+@dataclass
+class ModelConfig:
+    arch: Literal[tuple(ARCH_SPECS)] = "vit_base"
+    img_size: int = 224
+    frozen_patch_embed: bool = True  # MoCo v3's random frozen patch projection ("stop-grad-conv1")
+    global_pool: Literal["token", "avg"] = "token"
+
+
+@dataclass
+class MocoConfig:
+    dim: int = 256  # output of projector and predictor
+    mlp_dim: int = 4096  # hidden width of both MLPs
+    temperature: float = 0.2
+    momentum: float = 0.99  # start value; rises to 1 on a half-cosine when momentum_cosine
+    momentum_cosine: bool = True
+
+
+@dataclass
+class DataConfig:
+    root: str = ""  # folder holding train/ (and val/ for kNN) as class sub-folders; "" builds the demo data set
+    backend: Literal["torch", "dali"] = "torch"
+    batch_size: int = 4096  # global, over all ranks
+    num_workers: int = 8  # loader processes per rank
+    min_scale: float = 0.08  # smallest crop area of RandomResizedCrop
+
+
+@dataclass
+class OptimConfig:
+    name: Literal["adamw", "lars", "lamb"] = "adamw"
+    base_lr: float = 1.5e-4  # lr = base_lr * global_batch / 256
+    weight_decay: float = 0.1
+    beta1: float = 0.9  # AdamW, LAMB
+    beta2: float = 0.999
+    eps: float = 1e-8
+    momentum: float = 0.9  # LARS
+    trust_coefficient: float = 0.001  # LARS
+    epochs: int = 300
+    warmup_epochs: float = 40
+    clip_grad: float = 0.0  # max global grad norm; 0 disables clipping
+
+
+@dataclass
+class EvalConfig:
+    knn_k: int = 20
+    knn_temperature: float = 0.07
+    knn_every_epochs: int = 0  # 0: kNN only at the end
+
+
+@dataclass
+class RunConfig:
+    out_dir: str = "runs"
+    name: str = ""  # run folder is out_dir/name; "" takes the config file's name
+    seed: int = 0
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    precision: Literal["fp32", "bf16"] = "fp32"
+    kernels: Literal["reference", "fused"] = "reference"
+    log_every: int = 10  # steps between progress lines
+    ckpt_every: int = 0  # steps between checkpoints; 0: once per epoch
+    keep_last: int = 2  # checkpoints kept besides the final one
+    resume: str = "auto"  # auto: continue from the newest checkpoint in the run folder | none | a checkpoint path
+    stop_at_step: int = 0  # stop (and checkpoint) after this step, as if interrupted; 0: run to the end
+    deterministic: bool = False
+
+
+@dataclass
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    moco: MocoConfig = field(default_factory=MocoConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    run: RunConfig = field(default_factory=RunConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def load(path: str | Path | None = None, overrides: list[str] = ()) -> Config:
+    """Defaults, then the YAML file at `path`, then `section.key=value` overrides; validated."""
+    cfg = Config()
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"config file {path} does not exist; pass --config with a file from configs/")
+        try:
+            tree = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as e:
+            raise ConfigError(f"{path} is not valid YAML: {e}") from None
+        if not isinstance(tree, dict):
+            raise ConfigError(f"{path} must hold a mapping of sections (model:, data:, ...), not {type(tree).__name__}")
+        _apply_tree(cfg, tree, where=str(path))
+        if not cfg.run.name:
+            cfg.run.name = path.stem
+    for item in overrides:
+        key, sep, text = item.partition("=")
+        if not sep:
+            raise ConfigError(f"override {item!r} must look like section.key=value, e.g. optim.base_lr=1e-4")
+        _set(cfg, key.strip(), yaml.safe_load(text) if text.strip() else "", where="command line")
+    if not cfg.run.name:
+        cfg.run.name = "run"
+    validate(cfg)
+    return cfg
+
+
+def from_dict(tree: dict[str, Any]) -> Config:
+    """Rebuild a Config from `to_dict()` output (e.g. stored in a checkpoint)."""
+    cfg = Config()
+    _apply_tree(cfg, tree, where="stored config")
+    return cfg
+
+
+def _apply_tree(cfg: Config, tree: dict, where: str) -> None:
+    for section, values in tree.items():
+        if not isinstance(values, dict):
+            raise ConfigError(f"{where}: section {section!r} must be a mapping of keys, got {values!r}")
+        for key, value in values.items():
+            _set(cfg, f"{section}.{key}", value, where)
+
+
+def _set(cfg: Config, dotted: str, value: Any, where: str) -> None:
+    parts = dotted.split(".")
+    if len(parts) != 2:
+        raise ConfigError(f"{where}: {dotted!r} must name section.key, e.g. optim.base_lr")
+    section_name, key = parts
+    section = getattr(cfg, _known(section_name, [f.name for f in dataclasses.fields(cfg)], where), None)
+    key = _known(key, [f.name for f in dataclasses.fields(section)], where, prefix=f"{section_name}.")
+    hint = typing.get_type_hints(type(section))[key]
+    setattr(section, key, _coerce(value, hint, f"{where}: {dotted}"))
+
+
+def _known(name: str, names: list[str], where: str, prefix: str = "") -> str:
+    if name in names:
+        return name
+    close = difflib.get_close_matches(name, names, n=1)
+    hint = f"; did you mean {prefix}{close[0]}?" if close else f"; known keys: {', '.join(prefix + n for n in names)}"
+    raise ConfigError(f"{where}: unknown key {prefix}{name}{hint}")
+
+
+def _coerce(value: Any, hint: Any, what: str) -> Any:
+    if typing.get_origin(hint) is Literal:
+        choices = typing.get_args(hint)
+        if value not in choices:
+            raise ConfigError(f"{what} = {value!r} is not one of {', '.join(map(str, choices))}")
+        return value
+    if hint is bool:
+        if isinstance(value, bool):
+            return value
+    elif hint is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+    elif hint is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str):  # YAML reads "1e-4" (no dot) as a string
+            try:
+                return float(value)
+            except ValueError:
+                pass
+    elif hint is str and isinstance(value, (str, int, float)) and not isinstance(value, bool):
+        return str(value)
+    raise ConfigError(f"{what} = {value!r} must be of type {getattr(hint, '__name__', hint)}")
+
+
+def validate(cfg: Config) -> None:
+    """Value checks that need no other state than the config itself."""
+    checks = [
+        (cfg.model.img_size > 0, "model.img_size must be positive"),
+        (cfg.moco.dim > 0 and cfg.moco.mlp_dim > 0, "moco.dim and moco.mlp_dim must be positive"),
+        (cfg.moco.temperature > 0, "moco.temperature must be positive (the paper uses 0.2 for ViT)"),
+        (0 <= cfg.moco.momentum <= 1, "moco.momentum must lie in [0, 1] (the paper uses 0.99)"),
+        (cfg.data.batch_size > 0, "data.batch_size (global) must be positive"),
+        (cfg.data.num_workers >= 0, "data.num_workers must be >= 0"),
+        (0 < cfg.data.min_scale <= 1, "data.min_scale must lie in (0, 1]"),
+        (cfg.optim.base_lr > 0, "optim.base_lr must be positive"),
+        (cfg.optim.weight_decay >= 0, "optim.weight_decay must be >= 0"),
+        (0 <= cfg.optim.beta1 < 1 and 0 <= cfg.optim.beta2 < 1, "optim.beta1 and optim.beta2 must lie in [0, 1)"),
+        (cfg.optim.eps > 0, "optim.eps must be positive"),
+        (0 <= cfg.optim.momentum < 1, "optim.momentum must lie in [0, 1)"),
+        (cfg.optim.trust_coefficient > 0, "optim.trust_coefficient must be positive"),
+        (cfg.optim.epochs > 0, "optim.epochs must be positive"),
+        (0 <= cfg.optim.warmup_epochs < cfg.optim.epochs, "optim.warmup_epochs must lie in [0, optim.epochs)"),
+        (cfg.optim.clip_grad >= 0, "optim.clip_grad must be >= 0 (0 disables clipping)"),
+        (cfg.eval.knn_k > 0, "eval.knn_k must be positive"),
+        (cfg.eval.knn_temperature > 0, "eval.knn_temperature must be positive"),
+        (cfg.eval.knn_every_epochs >= 0, "eval.knn_every_epochs must be >= 0"),
+        (cfg.run.log_every > 0, "run.log_every must be positive"),
+        (cfg.run.ckpt_every >= 0 and cfg.run.keep_last >= 0, "run.ckpt_every and run.keep_last must be >= 0"),
+        (cfg.run.stop_at_step >= 0, "run.stop_at_step must be >= 0"),
+        (cfg.run.name not in ("", ".", "..") and "/" not in cfg.run.name, "run.name must be a plain folder name"),
+    ]
+    for ok, message in checks:
+        if not ok:
+            raise ConfigError(message)
+    patch = ARCH_SPECS[cfg.model.arch].patch_size
+    if cfg.model.img_size % patch:
+        raise ConfigError(f"model.img_size={cfg.model.img_size} must be a multiple of {cfg.model.arch}'s patch {patch}")
+
+
+def save_yaml(cfg: Config, path: Path) -> None:
+    path.write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))

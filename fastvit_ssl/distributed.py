@@ -1,0 +1,62 @@
+"""torch.distributed helpers that also work when no process group exists (plain `python train.py`)."""
+
+from __future__ import annotations
+
+import datetime
+import logging
+import os
+
+import torch
+import torch.distributed as dist
+
+log = logging.getLogger(__name__)
+
+
+def is_initialized() -> bool:
+    return dist.is_available() and dist.is_initialized()
+
+
+def rank() -> int:
+    return dist.get_rank() if is_initialized() else 0
+
+
+def world_size() -> int:
+    return dist.get_world_size() if is_initialized() else 1
+
+
+def is_main() -> bool:
+    return rank() == 0
+
+
+def init_from_env(device: torch.device, timeout_s: float = 600.0) -> None:
+    """Join the process group that torchrun / the deepspeed launcher describe in the environment, if any."""
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1 or is_initialized():
+        return
+    backend = "nccl" if device.type == "cuda" else "gloo"
+    if device.type == "cuda":
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+    dist.init_process_group(backend, timeout=datetime.timedelta(seconds=timeout_s))
+    log.info("joined process group: rank %d of %d (%s)", rank(), world_size(), backend)
+
+
+@torch.no_grad()
+def all_gather_cat(x: torch.Tensor) -> torch.Tensor:
+    """Concatenate `x` from all ranks along dim 0 (no gradient), rank order; identity single-process."""
+    if world_size() == 1:
+        return x
+    parts = [torch.empty_like(x) for _ in range(world_size())]
+    dist.all_gather(parts, x.contiguous())
+    return torch.cat(parts)
+
+
+def all_reduce_mean(x: torch.Tensor) -> torch.Tensor:
+    if world_size() > 1:
+        x = x.clone()
+        dist.all_reduce(x)
+        x /= world_size()
+    return x
+
+
+def barrier() -> None:
+    if is_initialized():
+        dist.barrier()

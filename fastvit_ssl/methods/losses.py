@@ -1,0 +1,19 @@
+"""MoCo v3's contrastive loss in plain PyTorch: the specification the fused kernel is tested against."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+
+def contrastive_loss_ref(q: torch.Tensor, k: torch.Tensor, temperature: float, label_offset: int = 0) -> torch.Tensor:
+    """2 tau * mean_i CE(normalize(q_i) . normalize(K)^T / tau, label = i + label_offset).
+
+    q: [N, D] queries of this rank; k: [M, D] keys gathered from all ranks (M = N * world size), so the positive
+    key of query i is key i + N * rank.
+    """
+    q = F.normalize(q, dim=1)
+    k = F.normalize(k, dim=1)
+    logits = q @ k.T / temperature  # (N, M)
+    labels = torch.arange(q.shape[0], device=q.device) + label_offset
+    return F.cross_entropy(logits, labels) * (2 * temperature)

@@ -1,0 +1,15 @@
+"""Encoder construction from the config."""
+
+from __future__ import annotations
+
+from fastvit_ssl.config import Config
+from fastvit_ssl.models.vit import VisionTransformer
+
+
+def build_encoder(cfg: Config) -> VisionTransformer:
+    return VisionTransformer(
+        cfg.model.arch,
+        cfg.model.img_size,
+        frozen_patch_embed=cfg.model.frozen_patch_embed,
+        global_pool=cfg.model.global_pool,
+    )

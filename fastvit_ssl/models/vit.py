@@ -1,0 +1,201 @@
+"""Vision Transformer as MoCo v3 trains it: fixed 2-D sin-cos position embedding, MoCo v3 initialisation,
+optional random frozen patch projection, optional convolutional stem. Parameter names follow timm's
+`VisionTransformer` so that exported weights load there unchanged."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+@dataclass(frozen=True)
+class ArchSpec:
+    embed_dim: int
+    depth: int
+    num_heads: int
+    patch_size: int
+    conv_stem: bool = False  # Xiao et al. 2021: 3x3 stride-2 convs instead of the patch projection
+
+
+ARCH_SPECS = {
+    "vit_demo": ArchSpec(embed_dim=192, depth=4, num_heads=3, patch_size=7),  # CPU demo: 28x28 digits, 4x4 patches
+    "vit_tiny": ArchSpec(embed_dim=192, depth=12, num_heads=3, patch_size=16),
+    "vit_small": ArchSpec(embed_dim=384, depth=12, num_heads=12, patch_size=16),  # MoCo v3 uses 12 heads
+    "vit_base": ArchSpec(embed_dim=768, depth=12, num_heads=12, patch_size=16),
+    "vit_large": ArchSpec(embed_dim=1024, depth=24, num_heads=16, patch_size=16),
+    "vit_huge": ArchSpec(embed_dim=1280, depth=32, num_heads=16, patch_size=14),
+    # The conv stem replaces one transformer block to keep the FLOPs (the official vit_conv_* models).
+    "vit_conv_small": ArchSpec(embed_dim=384, depth=11, num_heads=12, patch_size=16, conv_stem=True),
+    "vit_conv_base": ArchSpec(embed_dim=768, depth=11, num_heads=12, patch_size=16, conv_stem=True),
+}
+
+
+def sincos_pos_embed(grid: int, dim: int, temperature: float = 10000.0) -> torch.Tensor:
+    """Fixed 2-D sin-cos embedding, [1, 1 + grid*grid, dim]; the first row (class token) is zero.
+
+    A token at row i, column j gets [sin(j w), cos(j w), sin(i w), cos(i w)] with dim/4 frequencies w.
+    """
+    if dim % 4:
+        raise ValueError(f"embed_dim {dim} must be divisible by 4 for the 2-D sin-cos position embedding")
+    omega = 1.0 / temperature ** (torch.arange(dim // 4, dtype=torch.float64) / (dim // 4))  # (dim/4,)
+    rows, cols = torch.meshgrid(
+        torch.arange(grid, dtype=torch.float64), torch.arange(grid, dtype=torch.float64), indexing="ij"
+    )
+    angle_col = cols.reshape(-1, 1) * omega  # (L, dim/4)
+    angle_row = rows.reshape(-1, 1) * omega
+    table = torch.cat([angle_col.sin(), angle_col.cos(), angle_row.sin(), angle_row.cos()], dim=1)  # (L, dim)
+    table = torch.cat([torch.zeros(1, dim, dtype=torch.float64), table], dim=0)
+    return table.float().unsqueeze(0)
+
+
+class PatchEmbed(nn.Module):
+    """Non-overlapping patches -> linear projection (a strided conv), [B, C, H, W] -> [B, L, D]."""
+
+    def __init__(self, img_size: int, patch_size: int, in_chans: int, embed_dim: int):
+        super().__init__()
+        self.img_size, self.patch_size = img_size, patch_size
+        self.proj = nn.Conv2d(in_chans, embed_dim, kernel_size=patch_size, stride=patch_size)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.proj(x).flatten(2).transpose(1, 2)  # (B, D, h, w) -> (B, L, D)
+
+
+class ConvStem(nn.Module):
+    """Four 3x3 stride-2 convs with BN + ReLU (16x down-sampling), then a 1x1 conv to embed_dim."""
+
+    def __init__(self, img_size: int, patch_size: int, in_chans: int, embed_dim: int):
+        super().__init__()
+        if patch_size != 16 or embed_dim % 8:
+            raise ValueError("the conv stem needs patch_size 16 and an embed_dim divisible by 8")
+        self.img_size, self.patch_size = img_size, patch_size
+        layers, width_in, width = [], in_chans, embed_dim // 8
+        for _ in range(4):
+            layers += [
+                nn.Conv2d(width_in, width, 3, stride=2, padding=1, bias=False),
+                nn.BatchNorm2d(width),
+                nn.ReLU(inplace=True),
+            ]
+            width_in, width = width, width * 2
+        layers.append(nn.Conv2d(width_in, embed_dim, kernel_size=1))
+        self.proj = nn.Sequential(*layers)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.proj(x).flatten(2).transpose(1, 2)
+
+
+class Attention(nn.Module):
+    def __init__(self, dim: int, num_heads: int):
+        super().__init__()
+        if dim % num_heads:
+            raise ValueError(f"embed_dim {dim} must be divisible by num_heads {num_heads}")
+        self.num_heads = num_heads
+        self.qkv = nn.Linear(dim, dim * 3)
+        self.proj = nn.Linear(dim, dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        B, T, C = x.shape
+        qkv = self.qkv(x).reshape(B, T, 3, self.num_heads, C // self.num_heads).permute(2, 0, 3, 1, 4)
+        q, k, v = qkv.unbind(0)  # each (B, heads, T, head_dim)
+        x = F.scaled_dot_product_attention(q, k, v)
+        return self.proj(x.transpose(1, 2).reshape(B, T, C))
+
+
+class Mlp(nn.Module):
+    def __init__(self, dim: int, hidden: int):
+        super().__init__()
+        self.fc1, self.act, self.fc2 = nn.Linear(dim, hidden), nn.GELU(), nn.Linear(hidden, dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc2(self.act(self.fc1(x)))
+
+
+class Block(nn.Module):
+    def __init__(self, dim: int, num_heads: int, mlp_ratio: float = 4.0):
+        super().__init__()
+        self.norm1 = nn.LayerNorm(dim, eps=1e-6)
+        self.attn = Attention(dim, num_heads)
+        self.norm2 = nn.LayerNorm(dim, eps=1e-6)
+        self.mlp = Mlp(dim, int(dim * mlp_ratio))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x + self.attn(self.norm1(x))
+        return x + self.mlp(self.norm2(x))
+
+
+class VisionTransformer(nn.Module):
+    """ViT encoder returning one feature vector per image.
+
+    Args:
+        arch: a key of ARCH_SPECS (vit_small, vit_base, ...).
+        img_size: square input resolution; a multiple of the arch's patch size.
+        frozen_patch_embed: freeze the randomly initialised patch projection (MoCo v3's stability fix).
+        global_pool: "token" returns the class token, "avg" the mean of the patch tokens (timm's fc_norm layout).
+        in_chans: input channels.
+    """
+
+    def __init__(
+        self,
+        arch: str = "vit_base",
+        img_size: int = 224,
+        frozen_patch_embed: bool = True,
+        global_pool: str = "token",
+        in_chans: int = 3,
+    ):
+        super().__init__()
+        spec = ARCH_SPECS[arch]
+        if img_size % spec.patch_size:
+            raise ValueError(f"img_size {img_size} is not a multiple of {arch}'s patch size {spec.patch_size}")
+        self.arch, self.global_pool, self.embed_dim = arch, global_pool, spec.embed_dim
+        stem = ConvStem if spec.conv_stem else PatchEmbed
+        self.patch_embed = stem(img_size, spec.patch_size, in_chans, spec.embed_dim)
+        self.cls_token = nn.Parameter(torch.zeros(1, 1, spec.embed_dim))
+        grid = img_size // spec.patch_size
+        self.pos_embed = nn.Parameter(sincos_pos_embed(grid, spec.embed_dim), requires_grad=False)
+        self.blocks = nn.Sequential(*[Block(spec.embed_dim, spec.num_heads) for _ in range(spec.depth)])
+        pooled_norm = nn.LayerNorm(spec.embed_dim, eps=1e-6)
+        self.norm = pooled_norm if global_pool == "token" else nn.Identity()
+        self.fc_norm = pooled_norm if global_pool == "avg" else nn.Identity()
+        # BatchNorm in the conv stem couples the images of a batch; only then must views be encoded separately.
+        self.batch_independent = not spec.conv_stem
+        self._init_weights(frozen_patch_embed and not spec.conv_stem)
+
+    def _init_weights(self, freeze_patch_embed: bool) -> None:
+        for name, module in self.named_modules():
+            if isinstance(module, nn.Linear):
+                if name.endswith("qkv"):  # q, k and v are three D x D matrices, each xavier-initialised
+                    bound = math.sqrt(6.0 / (module.weight.shape[0] // 3 + module.weight.shape[1]))
+                    nn.init.uniform_(module.weight, -bound, bound)
+                else:
+                    nn.init.xavier_uniform_(module.weight)
+                nn.init.zeros_(module.bias)
+        nn.init.normal_(self.cls_token, std=1e-6)
+        if isinstance(self.patch_embed, PatchEmbed):
+            proj = self.patch_embed.proj  # xavier over the unrolled (C * p * p) -> D matrix
+            bound = math.sqrt(6.0 / (proj.weight[0].numel() + proj.weight.shape[0]))
+            nn.init.uniform_(proj.weight, -bound, bound)
+            nn.init.zeros_(proj.bias)
+            proj.weight.requires_grad_(not freeze_patch_embed)
+            proj.bias.requires_grad_(not freeze_patch_embed)
+
+    def embed_tokens(self, images: torch.Tensor) -> torch.Tensor:
+        """[B, C, H, W] -> [B, 1 + L, D]: patch projection, class token prepended, position embedding added."""
+        size = self.patch_embed.img_size
+        if images.shape[-2:] != (size, size):
+            raise ValueError(f"expected {size}x{size} images, got {tuple(images.shape[-2:])}")
+        x = self.patch_embed(images)
+        x = torch.cat([self.cls_token.expand(x.shape[0], -1, -1), x], dim=1)
+        return x + self.pos_embed
+
+    def forward_tokens(self, images: torch.Tensor) -> torch.Tensor:
+        """[B, C, H, W] -> [B, 1 + L, D] after all blocks (and the final norm for token pooling)."""
+        return self.norm(self.blocks(self.embed_tokens(images)))
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        x = self.forward_tokens(images)
+        if self.global_pool == "avg":
+            return self.fc_norm(x[:, 1:].mean(dim=1))  # (B, D)
+        return x[:, 0]  # (B, D)

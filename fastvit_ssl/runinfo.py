@@ -1,0 +1,59 @@
+"""What a run folder records about how it was made: resolved config, git commit, library versions, machine."""
+
+from __future__ import annotations
+
+import json
+import platform
+import subprocess
+import sys
+from importlib import metadata
+from pathlib import Path
+
+import torch
+
+from fastvit_ssl import config, distributed
+
+LIBRARIES = ("torch", "triton", "numpy", "pillow", "nvidia-dali-cuda130", "nvidia-dali-cuda120", "deepspeed")
+
+
+def git_commit() -> str:
+    """The commit of the source tree this code runs from ("+dirty" with uncommitted changes), or "unknown"."""
+    here = Path(__file__).resolve().parent
+    try:
+        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=here, capture_output=True, text=True, timeout=10)
+        dirty = subprocess.run(["git", "status", "--porcelain"], cwd=here, capture_output=True, text=True, timeout=10)
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+    if commit.returncode:
+        return "unknown"
+    return commit.stdout.strip() + ("+dirty" if dirty.stdout.strip() else "")
+
+
+def versions() -> dict[str, str]:
+    found = {"python": sys.version.split()[0]}
+    for name in LIBRARIES:
+        try:
+            found[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            pass
+    return found
+
+
+def device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return f"{platform.processor() or platform.machine()} CPU, {torch.get_num_threads()} threads"
+
+
+def write(run_dir: Path, cfg: config.Config, device: torch.device) -> None:
+    """config.yaml (the resolved config) and run_info.json in the run folder."""
+    run_dir.mkdir(parents=True, exist_ok=True)
+    config.save_yaml(cfg, run_dir / "config.yaml")
+    info = {
+        "git_commit": git_commit(),
+        "versions": versions(),
+        "device": device_name(device),
+        "world_size": distributed.world_size(),
+        "command": sys.argv,
+    }
+    (run_dir / "run_info.json").write_text(json.dumps(info, indent=2) + "\n")

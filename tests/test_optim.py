@@ -1,0 +1,103 @@
+import math
+
+import pytest
+import torch
+from torch import nn
+
+from fastvit_ssl.config import OptimConfig
+from fastvit_ssl.optim import schedules
+from fastvit_ssl.optim.build import build_optimizer
+from fastvit_ssl.optim.lamb import LAMB
+from fastvit_ssl.optim.lars import LARS
+
+
+def test_learning_rate_schedule():
+    lr = [schedules.learning_rate(e, 1.0, 10, 100) for e in (0, 5, 10, 55, 100)]
+    assert lr == pytest.approx([0.0, 0.5, 1.0, 0.5, 0.0], abs=1e-12)
+    curve = [schedules.learning_rate(e / 10, 1.0, 10, 100) for e in range(100, 1001)]
+    assert all(a >= b for a, b in zip(curve, curve[1:]))  # non-increasing after warm-up
+    assert schedules.peak_learning_rate(1.5e-4, 4096) == pytest.approx(2.4e-3)
+
+
+def test_momentum_schedule():
+    assert schedules.moco_momentum(0, 300, 0.99) == pytest.approx(0.99)
+    assert schedules.moco_momentum(150, 300, 0.99) == pytest.approx(0.995)
+    assert schedules.moco_momentum(300, 300, 0.99) == pytest.approx(1.0)
+    assert schedules.moco_momentum(150, 300, 0.99, cosine=False) == 0.99
+    t = 37.5
+    assert schedules.moco_momentum(t, 300, 0.99) == pytest.approx(1 - 0.01 * (1 + math.cos(math.pi * t / 300)) / 2)
+
+
+def make_params():
+    g = torch.Generator().manual_seed(0)
+    weight = nn.Parameter(torch.randn(4, 3, dtype=torch.float64, generator=g))
+    bias = nn.Parameter(torch.randn(4, dtype=torch.float64, generator=g))
+    zero = nn.Parameter(torch.zeros(2, 2, dtype=torch.float64))  # ||p|| = 0: trust ratio falls back to 1
+    grads = [[torch.randn(p.shape, dtype=torch.float64, generator=g) for p in (weight, bias, zero)] for _ in range(3)]
+    return [weight, bias, zero], grads
+
+
+def test_lars_matches_moco_v3_rule():
+    params, grads = make_params()
+    expected = [p.detach().clone() for p in params]
+    mu = [torch.zeros_like(p) for p in params]
+    lr, wd, momentum, eta = 0.1, 0.01, 0.9, 0.001
+    opt = LARS(params, lr=lr, weight_decay=wd, momentum=momentum, trust_coefficient=eta)
+    for step_grads in grads:
+        for i, (p, g) in enumerate(zip(expected, step_grads)):
+            u = g.clone()
+            if p.ndim > 1:
+                u = u + wd * p
+                ratio = eta * p.norm() / u.norm() if p.norm() > 0 and u.norm() > 0 else 1.0
+                u = u * ratio
+            mu[i] = momentum * mu[i] + u
+            expected[i] = p - lr * mu[i]
+        for p, g in zip(params, step_grads):
+            p.grad = g.clone()
+        opt.step()
+    for p, want in zip(params, expected):
+        torch.testing.assert_close(p.detach(), want, rtol=1e-6, atol=1e-9)
+
+
+def test_lamb_matches_the_paper_with_bias_correction():
+    params, grads = make_params()
+    expected = [p.detach().clone() for p in params]
+    m = [torch.zeros_like(p) for p in params]
+    v = [torch.zeros_like(p) for p in params]
+    lr, (b1, b2), eps, wd = 0.01, (0.9, 0.999), 1e-6, 0.1
+    opt = LAMB(params, lr=lr, betas=(b1, b2), eps=eps, weight_decay=wd)
+    for t, step_grads in enumerate(grads, start=1):
+        for i, (p, g) in enumerate(zip(expected, step_grads)):
+            m[i] = b1 * m[i] + (1 - b1) * g
+            v[i] = b2 * v[i] + (1 - b2) * g * g
+            u = (m[i] / (1 - b1**t)) / ((v[i] / (1 - b2**t)).sqrt() + eps)
+            ratio = 1.0
+            if p.ndim > 1:
+                u = u + wd * p
+                ratio = p.norm() / u.norm() if p.norm() > 0 and u.norm() > 0 else 1.0
+            expected[i] = p - lr * ratio * u
+        for p, g in zip(params, step_grads):
+            p.grad = g.clone()
+        opt.step()
+    for p, want in zip(params, expected):
+        torch.testing.assert_close(p.detach(), want, rtol=1e-6, atol=1e-9)
+
+
+@pytest.mark.parametrize("optimizer", [LARS, LAMB])
+def test_bf16_parameters_keep_fp32_state(optimizer):
+    p = nn.Parameter(torch.randn(3, 3).bfloat16())
+    p.grad = torch.randn(3, 3).bfloat16()
+    opt = optimizer([p], lr=0.1)
+    opt.step()
+    assert p.dtype == torch.bfloat16
+    assert all(s.dtype == torch.float32 for s in opt.state[p].values() if s.ndim)
+
+
+@pytest.mark.parametrize("name, kind", [("adamw", torch.optim.AdamW), ("lars", LARS), ("lamb", LAMB)])
+def test_build_optimizer_takes_only_trainable_parameters(name, kind):
+    model = nn.Sequential(nn.Linear(3, 4), nn.Linear(4, 2))
+    model[0].requires_grad_(False)
+    opt = build_optimizer(OptimConfig(name=name), model)
+    assert isinstance(opt, kind)
+    assert [p for g in opt.param_groups for p in g["params"]] == list(model[1].parameters())
+    assert opt.param_groups[0]["lr"] == 0.0

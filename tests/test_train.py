@@ -1,0 +1,91 @@
+"""End-to-end pre-training runs of a few CPU seconds through train.main."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import train
+from fastvit_ssl import checkpoint
+from fastvit_ssl.checkpoint import CheckpointError
+from fastvit_ssl.monitor import read_metrics
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def losses(run_dir: Path) -> dict[int, float]:
+    return {r["step"]: r["loss"] for r in read_metrics(run_dir / "metrics.jsonl") if "loss" in r}
+
+
+def test_tiny_run_writes_summary_metrics_plot_and_checkpoint(tiny_overrides, capsys):
+    summary = train.main(["--config", str(REPO / "configs/demo.yaml"), *tiny_overrides])
+    run_dir = Path(summary["run_dir"])
+    assert summary["steps"] == 6  # 24 images / batch 8 = 3 steps per epoch, 2 epochs
+    for key in ("knn_top1_random", "knn_top1_pretrained", "wall_seconds", "images_per_second", "checkpoint"):
+        assert key in summary
+    assert 0 <= summary["knn_top1_pretrained"] <= 100
+    assert json.loads((run_dir / "summary.json").read_text()) == summary
+    assert "kNN top-1: random-init" in capsys.readouterr().out
+    assert sorted(losses(run_dir)) == list(range(1, 7))
+    assert all(torch.isfinite(torch.tensor(v)) for v in losses(run_dir).values())
+    assert (run_dir / "training_curves.png").stat().st_size > 1000
+    info = json.loads((run_dir / "run_info.json").read_text())
+    assert info["git_commit"] and info["versions"]["torch"] == torch.__version__
+    assert "model:" in (run_dir / "config.yaml").read_text()
+    state = checkpoint.load(Path(summary["checkpoint"]))
+    assert state["step"] == 6 and "momentum_encoder.blocks.0.attn.qkv.weight" in state["model"]
+
+
+def test_resumed_run_reproduces_the_uninterrupted_losses(tiny_overrides):
+    eval_off = ["eval.knn_every_epochs=0"]
+    full = train.main([*tiny_overrides, *eval_off, "run.name=full"])
+    first = train.main([*tiny_overrides, *eval_off, "run.name=cut", "run.stop_at_step=4"])  # mid-epoch 2
+    assert first["steps"] == 4 and "knn_top1_pretrained" not in first
+    resumed = train.main([*tiny_overrides, *eval_off, "run.name=cut"])
+    assert resumed["steps"] == 6
+    assert losses(Path(resumed["run_dir"])) == losses(Path(full["run_dir"]))  # bit for bit, steps 1..6
+
+
+def test_checkpoint_of_another_model_is_refused(tiny_overrides):
+    train.main([*tiny_overrides, "run.stop_at_step=1"])
+    with pytest.raises(CheckpointError, match="model.global_pool: checkpoint 'token', this run 'avg'"):
+        train.main([*tiny_overrides, "model.global_pool=avg"])
+    with pytest.raises(CheckpointError, match="already holds checkpoints"):
+        train.main([*tiny_overrides, "run.resume=none"])
+
+
+def test_damaged_newest_checkpoint_falls_back_to_the_previous(tiny_overrides, caplog):
+    summary = train.main([*tiny_overrides, "run.stop_at_step=4", "run.ckpt_every=2"])
+    run_dir = Path(summary["run_dir"])
+    assert [p.name for p in checkpoint.list_checkpoints(run_dir)] == ["ckpt-00000002.pt", "ckpt-00000004.pt"]
+    checkpoint.path_for(run_dir, 4).write_bytes(b"torn")
+    resumed = train.main([*tiny_overrides, "run.ckpt_every=2"])  # resume=auto skips it with a warning
+    assert resumed["steps"] == 6 and "ckpt-00000004.pt cannot be read" in caplog.text
+    assert "resumed from" in caplog.text and "ckpt-00000002.pt (step 2)" in caplog.text
+
+
+def test_batch_must_divide_over_the_processes(tiny_overrides, tmp_path):
+    overrides = [o for o in tiny_overrides if not o.startswith("data.batch_size")] + ["data.batch_size=7"]
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            "--nproc_per_node",
+            "2",
+            str(REPO / "train.py"),
+            *overrides,
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=tmp_path,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )
+    assert result.returncode != 0
+    assert "data.batch_size=7 is the global batch and must divide evenly over 2 processes" in result.stderr

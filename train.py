@@ -1,0 +1,218 @@
+"""MoCo v3 pre-training of a Vision Transformer.
+
+    python train.py                                       # the CPU demo: real handwritten digits, kNN at the end
+    python train.py --config configs/vit_small.yaml data.root=/data/imagenet optim.epochs=100
+    torchrun --nproc_per_node 8 train.py --config configs/vit_base.yaml data.root=/data/imagenet
+
+Reads top to bottom in data-flow order: config -> data -> model -> optimizer -> engine -> resume -> loop -> eval.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from fastvit_ssl import checkpoint, distributed, runinfo
+from fastvit_ssl.checkpoint import CheckpointError
+from fastvit_ssl.config import Config, ConfigError, load
+from fastvit_ssl.data.build import build_eval_data, build_train_data, resolve_root
+from fastvit_ssl.data.folder import DataError
+from fastvit_ssl.engine.local import LocalEngine
+from fastvit_ssl.eval.knn import knn_top1
+from fastvit_ssl.methods.mocov3 import build_mocov3
+from fastvit_ssl.models.build import build_encoder
+from fastvit_ssl.monitor import Monitor
+from fastvit_ssl.optim import schedules
+from fastvit_ssl.optim.build import build_optimizer
+
+log = logging.getLogger("train")
+DEFAULT_CONFIG = Path(__file__).resolve().parent / "configs" / "demo.yaml"
+
+
+def main(argv: list[str] | None = None) -> dict:
+    args = parse_args(argv)
+    started = time.perf_counter()
+    cfg = load(args.config, args.overrides)
+    device = pick_device(cfg.run.device)
+    distributed.init_from_env(device)
+    setup_logging()
+    world = distributed.world_size()
+    if cfg.data.batch_size % world:
+        raise ConfigError(
+            f"data.batch_size={cfg.data.batch_size} is the global batch and must divide evenly over "
+            f"{world} processes; use a multiple of {world}"
+        )
+    run_dir = Path(cfg.run.out_dir) / cfg.run.name
+    if distributed.is_main():
+        runinfo.write(run_dir, cfg, device)
+    torch.manual_seed(cfg.run.seed)
+    torch.use_deterministic_algorithms(cfg.run.deterministic)
+
+    data_root = resolve_root(cfg)
+    loader, sampler, classes = build_train_data(cfg, data_root)
+    eval_data = build_eval_data(cfg, data_root, classes)
+    model = build_mocov3(cfg).to(device)
+    engine = LocalEngine(model, build_optimizer(cfg.optim, model), device, cfg.run.precision, cfg.optim.clip_grad)
+    start_step = resume(cfg, run_dir, engine)
+
+    total_steps = cfg.optim.epochs * sampler.batches_per_epoch
+    monitor = Monitor(run_dir, total_steps, cfg.data.batch_size, cfg.run.log_every, start_step, distributed.is_main())
+    log.info(
+        "%s on %s x%d: %d steps/epoch x %d epochs, from step %d -> %s",
+        cfg.model.arch,
+        device,
+        world,
+        sampler.batches_per_epoch,
+        cfg.optim.epochs,
+        start_step,
+        run_dir,
+    )
+
+    train_started = time.perf_counter()
+    step = train_loop(cfg, engine, loader, sampler, monitor, run_dir, start_step, eval_data, device)
+    train_seconds = time.perf_counter() - train_started
+
+    summary = {
+        "run_dir": str(run_dir),
+        "checkpoint": str(checkpoint.path_for(run_dir, step)),
+        "steps": step,
+        "images_per_second": (step - start_step) * cfg.data.batch_size / max(train_seconds, 1e-9),
+    }
+    if eval_data and step == total_steps and distributed.is_main():
+        torch.manual_seed(cfg.run.seed)  # the same draw as the pre-trained encoder's initial weights
+        summary["knn_top1_random"] = evaluate_knn(cfg, build_encoder(cfg).to(device), eval_data, device)
+        summary["knn_top1_pretrained"] = evaluate_knn(cfg, model.base_encoder, eval_data, device)
+        monitor.record(step, {"knn_top1": summary["knn_top1_pretrained"]})
+    plot = monitor.close()
+    summary["wall_seconds"] = time.perf_counter() - started
+    if distributed.is_main():
+        (run_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+        log.info("run folder %s (curves: %s)", run_dir, plot.name if plot else "none")
+        if "knn_top1_random" in summary:
+            print(
+                f"kNN top-1: random-init {summary['knn_top1_random']:.1f}% -> "
+                f"pre-trained {summary['knn_top1_pretrained']:.1f}%",
+                flush=True,
+            )
+    return summary
+
+
+def train_loop(
+    cfg: Config,
+    engine: LocalEngine,
+    loader,
+    sampler,
+    monitor: Monitor,
+    run_dir: Path,
+    step: int,
+    eval_data,
+    device: torch.device,
+) -> int:
+    """Iterate from `step` to the end (or run.stop_at_step); returns the last step done."""
+    steps_per_epoch = sampler.batches_per_epoch
+    peak_lr = schedules.peak_learning_rate(cfg.optim.base_lr, cfg.data.batch_size)
+    last_step = cfg.run.stop_at_step or cfg.optim.epochs * steps_per_epoch
+    while step < last_step:
+        epoch, first_batch = divmod(step, steps_per_epoch)
+        sampler.start(epoch, first_batch)
+        for batch in loader:
+            progress = step / steps_per_epoch  # fractional epoch: both schedules move every iteration
+            lr = schedules.learning_rate(progress, peak_lr, cfg.optim.warmup_epochs, cfg.optim.epochs)
+            momentum = schedules.moco_momentum(progress, cfg.optim.epochs, cfg.moco.momentum, cfg.moco.momentum_cosine)
+            metrics = engine.step(batch.views, lr, momentum)
+            step += 1
+            monitor.train_step(
+                step,
+                step / steps_per_epoch,
+                {**metrics, "lr": lr, "momentum": momentum, "skipped_images": batch.skipped},
+            )
+            epoch_end = step % steps_per_epoch == 0
+            if (
+                step == last_step
+                or (cfg.run.ckpt_every and step % cfg.run.ckpt_every == 0)
+                or (epoch_end and not cfg.run.ckpt_every)
+            ):
+                save_checkpoint(cfg, run_dir, engine, step)
+            if step == last_step:
+                return step
+        knn_every = cfg.eval.knn_every_epochs
+        if eval_data and knn_every and (step // steps_per_epoch) % knn_every == 0 and distributed.is_main():
+            monitor.record(step, {"knn_top1": evaluate_knn(cfg, engine.model.base_encoder, eval_data, device)})
+    return step
+
+
+def evaluate_knn(cfg: Config, encoder, eval_data, device) -> float:
+    started = time.perf_counter()
+    top1 = knn_top1(encoder, *eval_data, device, cfg.eval.knn_k, cfg.eval.knn_temperature)
+    log.info("kNN top-1 %.2f%% (k=%d, %.1fs)", top1, cfg.eval.knn_k, time.perf_counter() - started)
+    return top1
+
+
+def resume(cfg: Config, run_dir: Path, engine: LocalEngine) -> int:
+    """Restore model, optimizer and RNG from a checkpoint; returns the step to continue from."""
+    found = checkpoint.list_checkpoints(run_dir)
+    if cfg.run.resume == "none":
+        if found:
+            raise CheckpointError(
+                f"{run_dir} already holds checkpoints; pass run.resume=auto to continue that run or "
+                "choose another run.name"
+            )
+        return 0
+    candidates = list(reversed(found)) if cfg.run.resume == "auto" else [Path(cfg.run.resume)]
+    for path in candidates:
+        try:
+            state = checkpoint.load(path)
+        except CheckpointError as e:
+            if cfg.run.resume != "auto":
+                raise
+            log.warning("%s; trying an older checkpoint", e)
+            continue
+        checkpoint.check_compatible(state["config"], cfg.to_dict(), path)
+        engine.load_state_dict(state)
+        checkpoint.set_rng_state(state["rng"])
+        log.info("resumed from %s (step %d)", path, state["step"])
+        return state["step"]
+    return 0
+
+
+def save_checkpoint(cfg: Config, run_dir: Path, engine: LocalEngine, step: int) -> None:
+    if distributed.is_main():
+        state = {"step": step, "config": cfg.to_dict(), "rng": checkpoint.rng_state(), **engine.state_dict()}
+        path = checkpoint.save(checkpoint.path_for(run_dir, step), state)
+        checkpoint.prune(run_dir, cfg.run.keep_last + 1)
+        log.info("saved %s", path)
+    distributed.barrier()
+
+
+def pick_device(name: str) -> torch.device:
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    if name == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("run.device=cuda but no CUDA device is visible; use run.device=cpu or auto")
+    return torch.device(name)
+
+
+def setup_logging() -> None:
+    logging.basicConfig(format="%(asctime)s %(message)s", datefmt="%H:%M:%S", stream=sys.stdout)
+    logging.getLogger().setLevel(logging.INFO if distributed.is_main() else logging.WARNING)
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", default=str(DEFAULT_CONFIG), help="override-only YAML (default: the demo)")
+    parser.add_argument("overrides", nargs="*", help="dotted overrides, e.g. optim.base_lr=1e-4 data.batch_size=64")
+    return parser.parse_args(argv)
+
+
+if __name__ == "__main__":
+    try:
+        main()
+    except (ConfigError, DataError, CheckpointError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
