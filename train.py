@@ -88,6 +88,7 @@ def main(argv: list[str] | None = None) -> dict:
         torch.manual_seed(cfg.run.seed)  # the same draw as the pre-trained encoder's initial weights
         summary["knn_top1_random"] = evaluate_knn(cfg, build_encoder(cfg).to(device), eval_data, device)
         summary["knn_top1_pretrained"] = evaluate_knn(cfg, model.base_encoder, eval_data, device)
+        monitor.record(0, {"knn_top1": summary["knn_top1_random"]})  # the curve starts from the random encoder
         monitor.record(step, {"knn_top1": summary["knn_top1_pretrained"]})
     plot = monitor.close()
     summary["wall_seconds"] = time.perf_counter() - started

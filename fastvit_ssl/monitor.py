@@ -124,7 +124,7 @@ def plot_metrics(rows: list[dict], out: Path) -> Path | None:
         return None
     fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 3.4), squeeze=False)
     for ax, (key, title) in zip(axes[0], panels):
-        points = [(r["step"], r[key]) for r in rows if key in r]
+        points = sorted((r["step"], r[key]) for r in rows if key in r)
         ax.plot(*zip(*points), marker="o" if len(points) < 30 else None, linewidth=1)
         ax.set_title(title)
         ax.set_xlabel("step")

@@ -75,3 +75,9 @@ def test_train_rejects_bad_config_before_any_work(tmp_path):
     ]
     assert "Traceback" not in result.stderr
     assert list(tmp_path.iterdir()) == []  # nothing written
+
+
+@pytest.mark.parametrize("path", sorted((REPO / "configs").glob("*.yaml")), ids=lambda p: p.name)
+def test_shipped_configs_load(path):
+    cfg = load(path)
+    assert cfg.run.name == path.stem
