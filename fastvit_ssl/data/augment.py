@@ -1,0 +1,65 @@
+"""The MoCo v3 two-view augmentation recipe (BYOL's asymmetric views): one source of truth for every pipeline.
+
+View 1: random resized crop, flip, colour jitter (0.4, 0.4, 0.2, 0.1) p=0.8, grayscale p=0.2, blur p=1.0.
+View 2: the same, but blur p=0.1 and solarize p=0.2.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+from dataclasses import dataclass
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+@dataclass(frozen=True)
+class ViewAugment:
+    size: int  # output side in pixels
+    min_scale: float = 0.08  # crop area range, as a fraction of the image
+    max_scale: float = 1.0
+    min_ratio: float = 3 / 4  # crop aspect-ratio range (width / height)
+    max_ratio: float = 4 / 3
+    flip_prob: float = 0.5
+    jitter_prob: float = 0.8
+    brightness: float = 0.4  # factor drawn from [1 - b, 1 + b]
+    contrast: float = 0.4
+    saturation: float = 0.2
+    hue: float = 0.1  # shift drawn from [-h, h] of a full turn
+    grayscale_prob: float = 0.2
+    blur_prob: float = 1.0
+    blur_sigma: tuple[float, float] = (0.1, 2.0)
+    solarize_prob: float = 0.0
+    solarize_threshold: int = 128  # pixels >= threshold (of 255) are inverted
+    mean: tuple[float, float, float] = IMAGENET_MEAN
+    std: tuple[float, float, float] = IMAGENET_STD
+
+
+def moco_v3_views(size: int, min_scale: float = 0.08, num_views: int = 2) -> list[ViewAugment]:
+    """The recipe's views; beyond two, views alternate between the two kinds."""
+    kinds = [ViewAugment(size, min_scale, blur_prob=1.0, solarize_prob=0.0),
+             ViewAugment(size, min_scale, blur_prob=0.1, solarize_prob=0.2)]
+    return [kinds[i % 2] for i in range(num_views)]
+
+
+def sample_crop(width: int, height: int, view: ViewAugment, rng: random.Random) -> tuple[int, int, int, int]:
+    """(left, top, crop_width, crop_height) of a random resized crop, torchvision's rule: up to 10 draws of area
+    and log-uniform aspect ratio that fit, else the largest centred crop with the ratio clamped to the range."""
+    area = width * height
+    log_lo, log_hi = math.log(view.min_ratio), math.log(view.max_ratio)
+    for _ in range(10):
+        target = area * rng.uniform(view.min_scale, view.max_scale)
+        ratio = math.exp(rng.uniform(log_lo, log_hi))
+        w = round(math.sqrt(target * ratio))
+        h = round(math.sqrt(target / ratio))
+        if 0 < w <= width and 0 < h <= height:
+            return rng.randint(0, width - w), rng.randint(0, height - h), w, h
+    ratio = width / height
+    if ratio < view.min_ratio:
+        w, h = width, round(width / view.min_ratio)
+    elif ratio > view.max_ratio:
+        w, h = round(height * view.max_ratio), height
+    else:
+        w, h = width, height
+    return (width - w) // 2, (height - h) // 2, w, h

@@ -1,0 +1,50 @@
+"""From the data config to loaders: pre-training views of root/train, evaluation images of root/train and root/val."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from torch.utils.data import DataLoader
+
+from fastvit_ssl import distributed
+from fastvit_ssl.config import Config
+from fastvit_ssl.data.augment import moco_v3_views
+from fastvit_ssl.data.demo import build_demo_dataset
+from fastvit_ssl.data.folder import DataError, scan_image_folder
+from fastvit_ssl.data.torch_pipeline import EvalDataset, ShardedBatchSampler, build_train_loader
+
+
+def resolve_root(cfg: Config) -> Path:
+    """data.root, or the demo data set (built once, by rank 0) when it is empty."""
+    if cfg.data.root:
+        root = Path(cfg.data.root)
+        if not (root / "train").is_dir():
+            raise DataError(f"data.root={root} must contain a train/ folder (and val/ for kNN), each holding one "
+                            "sub-folder of images per class")
+        return root
+    root = Path(cfg.run.out_dir) / "demo_data"
+    if distributed.is_main():
+        build_demo_dataset(root)
+    distributed.barrier()
+    return root
+
+
+def build_train_data(cfg: Config, root: Path) -> tuple[DataLoader, ShardedBatchSampler, list[str]]:
+    """Loader of this rank's share of every global batch, its sampler (to position it) and the class names."""
+    samples, classes = scan_image_folder(root / "train")
+    views = moco_v3_views(cfg.model.img_size, cfg.data.min_scale)
+    sampler = ShardedBatchSampler(len(samples), cfg.data.batch_size, distributed.rank(), distributed.world_size(),
+                                  cfg.run.seed)
+    loader = build_train_loader(samples, views, sampler, cfg.data.num_workers, pin_memory=torch.cuda.is_available())
+    return loader, sampler, classes
+
+
+def build_eval_data(cfg: Config, root: Path, classes: list[str], batch_size: int = 256):
+    """(train loader, val loader) of centre-cropped labelled images for kNN, or None without a val/ folder."""
+    if not (root / "val").is_dir():
+        return None
+    train_samples, _ = scan_image_folder(root / "train", classes)
+    val_samples, _ = scan_image_folder(root / "val", classes)
+    return tuple(DataLoader(EvalDataset(s, cfg.model.img_size), batch_size=batch_size,
+                            num_workers=min(cfg.data.num_workers, 4)) for s in (train_samples, val_samples))

@@ -1,0 +1,70 @@
+"""ImageFolder trees (root/class_name/image.jpg): scanning with clear errors, and tolerant image reading."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+from PIL import Image
+
+log = logging.getLogger(__name__)
+
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff")
+
+
+class DataError(ValueError):
+    """A data problem the user can fix; the message says what and how."""
+
+
+def scan_image_folder(root: str | Path, classes: list[str] | None = None) -> tuple[list[tuple[str, int]], list[str]]:
+    """[(path, label)] sorted by class then file name, and the class names (the sub-folder names).
+
+    `classes` fixes the label mapping (e.g. val uses train's); class folders without images are skipped with a
+    warning, a tree without any image is an error.
+    """
+    root = Path(root)
+    if not root.is_dir():
+        raise DataError(f"data folder {root} does not exist; point data.root at a folder whose train/ (and val/) "
+                        "sub-folder holds one folder of images per class")
+    found = sorted(d.name for d in root.iterdir() if d.is_dir() and not d.name.startswith("."))
+    if not found:
+        raise DataError(f"{root} holds no class sub-folders; put the images in {root}/<class name>/<file>.jpg")
+    if classes is None:
+        classes = found
+    elif unknown := sorted(set(found) - set(classes)):
+        raise DataError(f"{root} has classes that the training set lacks: {', '.join(unknown[:5])}")
+    samples, empty = [], []
+    for label, name in enumerate(classes):
+        folder = root / name
+        files = sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS) if folder.is_dir() else []
+        if not files:
+            empty.append(name)
+        samples += [(str(p), label) for p in files]
+    if not samples:
+        raise DataError(f"no images ({', '.join(IMAGE_EXTENSIONS)}) under {root}; each class folder must hold images")
+    if empty:
+        log.warning("%d class folder(s) of %s hold no images and are skipped: %s", len(empty), root,
+                    ", ".join(empty[:5]))
+    return samples, classes
+
+
+def load_rgb(path: str) -> Image.Image:
+    """Decode fully (so truncated files fail here, not later) and convert grayscale/CMYK/palette to RGB."""
+    with Image.open(path) as img:
+        img.load()
+        return img.convert("RGB")
+
+
+def first_readable(samples: list[tuple[str, int]], index: int, attempts: int = 16) -> tuple[Image.Image, int, int]:
+    """(image, label, number of unreadable files skipped): sample `index`, or the next readable one after it.
+
+    Replacing instead of dropping keeps every batch full, which the all-gather of keys across ranks needs.
+    """
+    for offset in range(attempts):
+        path, label = samples[(index + offset) % len(samples)]
+        try:
+            return load_rgb(path), label, offset
+        except (OSError, ValueError, Image.DecompressionBombError, SyntaxError) as e:
+            log.warning("skipping unreadable image %s (%s: %s)", path, type(e).__name__, e)
+    raise DataError(f"{attempts} consecutive unreadable images from {samples[index][0]}; "
+                    "check the data with `python -m fastvit_ssl.data.check DIR`")

@@ -1,0 +1,147 @@
+"""Pillow + torch pipeline: two augmented views per image, sharded by rank, deterministic per (seed, epoch).
+
+Every sample draws its augmentation from its own RNG seeded by (seed, epoch, image index), so batches do not
+depend on the number of workers or ranks, and a resumed run sees exactly the images and crops it would have seen.
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from PIL import Image, ImageEnhance, ImageFilter, ImageOps
+from torch.utils.data import DataLoader, Dataset, Sampler
+
+from fastvit_ssl.data.augment import IMAGENET_MEAN, IMAGENET_STD, ViewAugment, sample_crop
+from fastvit_ssl.data.folder import DataError, first_readable
+
+
+@dataclass
+class Batch:
+    views: list[torch.Tensor]  # each [B, 3, S, S], normalised float
+    labels: torch.Tensor  # [B] class index (unused by pre-training, kept for monitors)
+    skipped: int  # unreadable files replaced in this batch
+
+
+def color_jitter(img: Image.Image, view: ViewAugment, rng: random.Random) -> Image.Image:
+    """Brightness, contrast, saturation and hue in a random order, as torchvision's ColorJitter."""
+    ops = [
+        lambda x: ImageEnhance.Brightness(x).enhance(rng.uniform(1 - view.brightness, 1 + view.brightness)),
+        lambda x: ImageEnhance.Contrast(x).enhance(rng.uniform(1 - view.contrast, 1 + view.contrast)),
+        lambda x: ImageEnhance.Color(x).enhance(rng.uniform(1 - view.saturation, 1 + view.saturation)),
+        lambda x: shift_hue(x, rng.uniform(-view.hue, view.hue)),
+    ]
+    rng.shuffle(ops)
+    for op in ops:
+        img = op(img)
+    return img
+
+
+def shift_hue(img: Image.Image, fraction: float) -> Image.Image:
+    h, s, v = img.convert("HSV").split()
+    h = Image.fromarray((np.asarray(h, dtype=np.int16) + round(fraction * 255)).astype(np.uint8), "L")  # wraps
+    return Image.merge("HSV", (h, s, v)).convert("RGB")
+
+
+def to_normalized_tensor(img: Image.Image, mean=IMAGENET_MEAN, std=IMAGENET_STD) -> torch.Tensor:
+    x = torch.from_numpy(np.asarray(img, dtype=np.uint8).copy()).permute(2, 0, 1).float().div_(255)  # (3, H, W)
+    return (x - torch.tensor(mean).view(3, 1, 1)) / torch.tensor(std).view(3, 1, 1)
+
+
+def augment_view(img: Image.Image, view: ViewAugment, rng: random.Random) -> torch.Tensor:
+    """RGB image -> [3, size, size] in the official order: crop, jitter, grayscale, blur, solarize, flip."""
+    left, top, w, h = sample_crop(img.width, img.height, view, rng)
+    img = img.resize((view.size, view.size), Image.BILINEAR, box=(left, top, left + w, top + h))
+    if rng.random() < view.jitter_prob:
+        img = color_jitter(img, view, rng)
+    if rng.random() < view.grayscale_prob:
+        img = img.convert("L").convert("RGB")
+    if rng.random() < view.blur_prob:
+        img = img.filter(ImageFilter.GaussianBlur(radius=rng.uniform(*view.blur_sigma)))
+    if rng.random() < view.solarize_prob:
+        img = ImageOps.solarize(img, view.solarize_threshold)
+    if rng.random() < view.flip_prob:
+        img = ImageOps.mirror(img)
+    return to_normalized_tensor(img, view.mean, view.std)
+
+
+def eval_transform(img: Image.Image, size: int) -> torch.Tensor:
+    """Resize the shorter side to size / 0.875, centre crop `size` (the usual 256 -> 224 evaluation crop)."""
+    short = round(size / 0.875)
+    scale = short / min(img.width, img.height)
+    img = img.resize((max(short, round(img.width * scale)), max(short, round(img.height * scale))), Image.BILINEAR)
+    left, top = (img.width - size) // 2, (img.height - size) // 2
+    return to_normalized_tensor(img.crop((left, top, left + size, top + size)))
+
+
+class MultiViewDataset(Dataset):
+    """Indexed by (image index, sample seed); returns (views, label, skipped)."""
+
+    def __init__(self, samples: list[tuple[str, int]], views: list[ViewAugment]):
+        self.samples, self.views = samples, views
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __getitem__(self, key: tuple[int, int]):
+        index, seed = key
+        img, label, skipped = first_readable(self.samples, index)
+        rng = random.Random(seed)
+        return [augment_view(img, v, rng) for v in self.views], label, skipped
+
+
+class EvalDataset(Dataset):
+    """Centre-cropped, unaugmented images with labels, for kNN and linear evaluation."""
+
+    def __init__(self, samples: list[tuple[str, int]], size: int):
+        self.samples, self.size = samples, size
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __getitem__(self, index: int):
+        img, label, _ = first_readable(self.samples, index)
+        return eval_transform(img, self.size), label
+
+
+class ShardedBatchSampler(Sampler):
+    """Batches of (index, seed) for one rank: global batch b of the epoch's permutation is split in rank order,
+    so ranks see disjoint images and together exactly the single-process global batch. Drops the last partial
+    global batch, as MoCo v3 does. `start(epoch, first_batch)` positions it (for resuming mid-epoch)."""
+
+    def __init__(self, num_samples: int, global_batch: int, rank: int, world_size: int, seed: int):
+        if num_samples < global_batch:
+            raise DataError(f"the data set has {num_samples} images, fewer than one global batch of {global_batch}; "
+                            "lower data.batch_size or add images")
+        self.num_samples, self.global_batch, self.seed = num_samples, global_batch, seed
+        self.rank, self.local_batch = rank, global_batch // world_size
+        self.batches_per_epoch = num_samples // global_batch
+        self.epoch, self.first_batch = 0, 0
+
+    def start(self, epoch: int, first_batch: int = 0) -> None:
+        self.epoch, self.first_batch = epoch, first_batch
+
+    def __len__(self) -> int:
+        return self.batches_per_epoch - self.first_batch
+
+    def __iter__(self):
+        rng = np.random.default_rng([self.seed, self.epoch])
+        order = rng.permutation(self.num_samples)
+        seeds = rng.integers(0, 2**63 - 1, size=self.num_samples)  # one augmentation seed per image and epoch
+        for b in range(self.first_batch, self.batches_per_epoch):
+            lo = b * self.global_batch + self.rank * self.local_batch
+            yield [(int(i), int(seeds[i])) for i in order[lo:lo + self.local_batch]]
+
+
+def collate_views(items) -> Batch:
+    views = [torch.stack(v) for v in zip(*(item[0] for item in items))]
+    labels = torch.tensor([item[1] for item in items])
+    return Batch(views, labels, sum(item[2] for item in items))
+
+
+def build_train_loader(samples, views: list[ViewAugment], sampler: ShardedBatchSampler, num_workers: int,
+                       pin_memory: bool = False) -> DataLoader:
+    return DataLoader(MultiViewDataset(samples, views), batch_sampler=sampler, num_workers=num_workers,
+                      collate_fn=collate_views, pin_memory=pin_memory, persistent_workers=num_workers > 0)
