@@ -9,7 +9,10 @@ setup(
     long_description=Path(__file__).with_name("README.md").read_text(),
     long_description_content_type="text/markdown",
     python_requires=">=3.10",
-    packages=find_packages(include=["fastvit_ssl", "fastvit_ssl.*"]),
+    # The design card keeps the kernels at the top level; they install as fastvit_ssl.kernels, because a top-level
+    # `kernels` would clash with an unrelated PyPI package.
+    packages=[*find_packages(include=["fastvit_ssl", "fastvit_ssl.*"]), "fastvit_ssl.kernels"],
+    package_dir={"fastvit_ssl.kernels": "kernels"},
     install_requires=[
         "torch>=2.4",  # lower bound only: GPU images bring their own CUDA build; the CPU setup pins 2.13.0 first
         "numpy>=1.24",

@@ -25,6 +25,7 @@ from fastvit_ssl.data.build import build_eval_data, build_train_data, resolve_ro
 from fastvit_ssl.data.folder import DataError
 from fastvit_ssl.engine.local import LocalEngine
 from fastvit_ssl.eval.knn import knn_top1
+from fastvit_ssl.kernels.dispatch import select_ops
 from fastvit_ssl.methods.mocov3 import build_mocov3
 from fastvit_ssl.models.build import build_encoder
 from fastvit_ssl.monitor import Monitor
@@ -57,8 +58,9 @@ def main(argv: list[str] | None = None) -> dict:
     data_root = resolve_root(cfg)
     loader, sampler, classes = build_train_data(cfg, data_root)
     eval_data = build_eval_data(cfg, data_root, classes)
-    model = build_mocov3(cfg).to(device)
-    engine = LocalEngine(model, build_optimizer(cfg.optim, model), device, cfg.run.precision, cfg.optim.clip_grad)
+    ops = select_ops(cfg.run.kernels, device)
+    model = build_mocov3(cfg, ops).to(device)
+    engine = LocalEngine(model, build_optimizer(cfg.optim, model, ops), device, cfg.run.precision, cfg.optim.clip_grad)
     start_step = resume(cfg, run_dir, engine)
 
     total_steps = cfg.optim.epochs * sampler.batches_per_epoch

@@ -38,8 +38,10 @@ class ViewAugment:
 
 def moco_v3_views(size: int, min_scale: float = 0.08, num_views: int = 2) -> list[ViewAugment]:
     """The recipe's views; beyond two, views alternate between the two kinds."""
-    kinds = [ViewAugment(size, min_scale, blur_prob=1.0, solarize_prob=0.0),
-             ViewAugment(size, min_scale, blur_prob=0.1, solarize_prob=0.2)]
+    kinds = [
+        ViewAugment(size, min_scale, blur_prob=1.0, solarize_prob=0.0),
+        ViewAugment(size, min_scale, blur_prob=0.1, solarize_prob=0.2),
+    ]
     return [kinds[i % 2] for i in range(num_views)]
 
 

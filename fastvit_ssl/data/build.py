@@ -20,8 +20,10 @@ def resolve_root(cfg: Config) -> Path:
     if cfg.data.root:
         root = Path(cfg.data.root)
         if not (root / "train").is_dir():
-            raise DataError(f"data.root={root} must contain a train/ folder (and val/ for kNN), each holding one "
-                            "sub-folder of images per class")
+            raise DataError(
+                f"data.root={root} must contain a train/ folder (and val/ for kNN), each holding one "
+                "sub-folder of images per class"
+            )
         return root
     root = Path(cfg.run.out_dir) / "demo_data"
     if distributed.is_main():
@@ -34,8 +36,9 @@ def build_train_data(cfg: Config, root: Path) -> tuple[DataLoader, ShardedBatchS
     """Loader of this rank's share of every global batch, its sampler (to position it) and the class names."""
     samples, classes = scan_image_folder(root / "train")
     views = moco_v3_views(cfg.model.img_size, cfg.data.min_scale)
-    sampler = ShardedBatchSampler(len(samples), cfg.data.batch_size, distributed.rank(), distributed.world_size(),
-                                  cfg.run.seed)
+    sampler = ShardedBatchSampler(
+        len(samples), cfg.data.batch_size, distributed.rank(), distributed.world_size(), cfg.run.seed
+    )
     loader = build_train_loader(samples, views, sampler, cfg.data.num_workers, pin_memory=torch.cuda.is_available())
     return loader, sampler, classes
 
@@ -46,5 +49,7 @@ def build_eval_data(cfg: Config, root: Path, classes: list[str], batch_size: int
         return None
     train_samples, _ = scan_image_folder(root / "train", classes)
     val_samples, _ = scan_image_folder(root / "val", classes)
-    return tuple(DataLoader(EvalDataset(s, cfg.model.img_size), batch_size=batch_size,
-                            num_workers=min(cfg.data.num_workers, 4)) for s in (train_samples, val_samples))
+    return tuple(
+        DataLoader(EvalDataset(s, cfg.model.img_size), batch_size=batch_size, num_workers=min(cfg.data.num_workers, 4))
+        for s in (train_samples, val_samples)
+    )

@@ -24,8 +24,10 @@ def scan_image_folder(root: str | Path, classes: list[str] | None = None) -> tup
     """
     root = Path(root)
     if not root.is_dir():
-        raise DataError(f"data folder {root} does not exist; point data.root at a folder whose train/ (and val/) "
-                        "sub-folder holds one folder of images per class")
+        raise DataError(
+            f"data folder {root} does not exist; point data.root at a folder whose train/ (and val/) "
+            "sub-folder holds one folder of images per class"
+        )
     found = sorted(d.name for d in root.iterdir() if d.is_dir() and not d.name.startswith("."))
     if not found:
         raise DataError(f"{root} holds no class sub-folders; put the images in {root}/<class name>/<file>.jpg")
@@ -43,8 +45,9 @@ def scan_image_folder(root: str | Path, classes: list[str] | None = None) -> tup
     if not samples:
         raise DataError(f"no images ({', '.join(IMAGE_EXTENSIONS)}) under {root}; each class folder must hold images")
     if empty:
-        log.warning("%d class folder(s) of %s hold no images and are skipped: %s", len(empty), root,
-                    ", ".join(empty[:5]))
+        log.warning(
+            "%d class folder(s) of %s hold no images and are skipped: %s", len(empty), root, ", ".join(empty[:5])
+        )
     return samples, classes
 
 
@@ -66,5 +69,7 @@ def first_readable(samples: list[tuple[str, int]], index: int, attempts: int = 1
             return load_rgb(path), label, offset
         except (OSError, ValueError, Image.DecompressionBombError, SyntaxError) as e:
             log.warning("skipping unreadable image %s (%s: %s)", path, type(e).__name__, e)
-    raise DataError(f"{attempts} consecutive unreadable images from {samples[index][0]}; "
-                    "check the data with `python -m fastvit_ssl.data.check DIR`")
+    raise DataError(
+        f"{attempts} consecutive unreadable images from {samples[index][0]}; "
+        "check the data with `python -m fastvit_ssl.data.check DIR`"
+    )

@@ -113,8 +113,10 @@ class ShardedBatchSampler(Sampler):
 
     def __init__(self, num_samples: int, global_batch: int, rank: int, world_size: int, seed: int):
         if num_samples < global_batch:
-            raise DataError(f"the data set has {num_samples} images, fewer than one global batch of {global_batch}; "
-                            "lower data.batch_size or add images")
+            raise DataError(
+                f"the data set has {num_samples} images, fewer than one global batch of {global_batch}; "
+                "lower data.batch_size or add images"
+            )
         self.num_samples, self.global_batch, self.seed = num_samples, global_batch, seed
         self.rank, self.local_batch = rank, global_batch // world_size
         self.batches_per_epoch = num_samples // global_batch
@@ -132,7 +134,7 @@ class ShardedBatchSampler(Sampler):
         seeds = rng.integers(0, 2**63 - 1, size=self.num_samples)  # one augmentation seed per image and epoch
         for b in range(self.first_batch, self.batches_per_epoch):
             lo = b * self.global_batch + self.rank * self.local_batch
-            yield [(int(i), int(seeds[i])) for i in order[lo:lo + self.local_batch]]
+            yield [(int(i), int(seeds[i])) for i in order[lo : lo + self.local_batch]]
 
 
 def collate_views(items) -> Batch:
@@ -141,7 +143,14 @@ def collate_views(items) -> Batch:
     return Batch(views, labels, sum(item[2] for item in items))
 
 
-def build_train_loader(samples, views: list[ViewAugment], sampler: ShardedBatchSampler, num_workers: int,
-                       pin_memory: bool = False) -> DataLoader:
-    return DataLoader(MultiViewDataset(samples, views), batch_sampler=sampler, num_workers=num_workers,
-                      collate_fn=collate_views, pin_memory=pin_memory, persistent_workers=num_workers > 0)
+def build_train_loader(
+    samples, views: list[ViewAugment], sampler: ShardedBatchSampler, num_workers: int, pin_memory: bool = False
+) -> DataLoader:
+    return DataLoader(
+        MultiViewDataset(samples, views),
+        batch_sampler=sampler,
+        num_workers=num_workers,
+        collate_fn=collate_views,
+        pin_memory=pin_memory,
+        persistent_workers=num_workers > 0,
+    )

@@ -11,6 +11,7 @@ from torch import nn
 
 from fastvit_ssl import distributed
 from fastvit_ssl.config import Config
+from fastvit_ssl.kernels.dispatch import REFERENCE_OPS, Ops
 from fastvit_ssl.methods.ema import ema_update_ref_
 from fastvit_ssl.methods.losses import contrastive_loss_ref
 from fastvit_ssl.models.build import build_encoder
@@ -82,5 +83,13 @@ def _encode_views(encoder: nn.Module, x1: torch.Tensor, x2: torch.Tensor) -> tup
     return encoder(x1), encoder(x2)
 
 
-def build_mocov3(cfg: Config) -> MoCoV3:
-    return MoCoV3(build_encoder(cfg), dim=cfg.moco.dim, mlp_dim=cfg.moco.mlp_dim, temperature=cfg.moco.temperature)
+def build_mocov3(cfg: Config, ops: Ops = REFERENCE_OPS) -> MoCoV3:
+    """The method with the reference computations, or with the fused kernels of `ops`."""
+    return MoCoV3(
+        build_encoder(cfg, ops),
+        dim=cfg.moco.dim,
+        mlp_dim=cfg.moco.mlp_dim,
+        temperature=cfg.moco.temperature,
+        loss_fn=ops.contrastive_loss,
+        ema_fn=ops.ema_update_,
+    )

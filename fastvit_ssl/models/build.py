@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 from fastvit_ssl.config import Config
+from fastvit_ssl.kernels.dispatch import REFERENCE_OPS, Ops
 from fastvit_ssl.models.vit import VisionTransformer
 
 
-def build_encoder(cfg: Config) -> VisionTransformer:
+def build_encoder(cfg: Config, ops: Ops = REFERENCE_OPS) -> VisionTransformer:
     return VisionTransformer(
         cfg.model.arch,
         cfg.model.img_size,
         frozen_patch_embed=cfg.model.frozen_patch_embed,
         global_pool=cfg.model.global_pool,
+        patch_embed_fn=ops.patch_embed,
     )

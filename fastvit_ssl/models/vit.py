@@ -5,6 +5,7 @@ optional random frozen patch projection, optional convolutional stem. Parameter 
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -135,6 +136,8 @@ class VisionTransformer(nn.Module):
         frozen_patch_embed: freeze the randomly initialised patch projection (MoCo v3's stability fix).
         global_pool: "token" returns the class token, "avg" the mean of the patch tokens (timm's fc_norm layout).
         in_chans: input channels.
+        patch_embed_fn: a fused replacement of projection + class token + position embedding with
+            fastvit_ssl.kernels.patch_embed's signature, or None for the modules' own computation.
     """
 
     def __init__(
@@ -144,6 +147,7 @@ class VisionTransformer(nn.Module):
         frozen_patch_embed: bool = True,
         global_pool: str = "token",
         in_chans: int = 3,
+        patch_embed_fn: Callable | None = None,
     ):
         super().__init__()
         spec = ARCH_SPECS[arch]
@@ -161,6 +165,7 @@ class VisionTransformer(nn.Module):
         self.fc_norm = pooled_norm if global_pool == "avg" else nn.Identity()
         # BatchNorm in the conv stem couples the images of a batch; only then must views be encoded separately.
         self.batch_independent = not spec.conv_stem
+        self.patch_embed_fn = patch_embed_fn if isinstance(self.patch_embed, PatchEmbed) else None
         self._init_weights(frozen_patch_embed and not spec.conv_stem)
 
     def _init_weights(self, freeze_patch_embed: bool) -> None:
@@ -186,6 +191,11 @@ class VisionTransformer(nn.Module):
         size = self.patch_embed.img_size
         if images.shape[-2:] != (size, size):
             raise ValueError(f"expected {size}x{size} images, got {tuple(images.shape[-2:])}")
+        if self.patch_embed_fn is not None:
+            proj = self.patch_embed.proj
+            return self.patch_embed_fn(
+                images, proj.weight, proj.bias, self.pos_embed, self.patch_embed.patch_size, self.cls_token
+            )
         x = self.patch_embed(images)
         x = torch.cat([self.cls_token.expand(x.shape[0], -1, -1), x], dim=1)
         return x + self.pos_embed

@@ -1,0 +1,252 @@
+"""Fused normalised contrastive logits + cross-entropy: MoCo v3's ctr(q, k) without the N x M logits in memory.
+
+    loss = 2 tau * mean_i [ lse_j(s_ij) - s_i,label_i ],   s_ij = q_i . k_j / (|q_i| |k_j| tau),   label_i = i + offset
+
+Forward: a program owns BLOCK_N queries and streams over tiles of keys with an online log-sum-exp (as in
+FlashAttention); only lse_i and the row loss leave the chip, O(N) memory. Backward recomputes each logit tile; with
+p_ij = exp(s_ij - lse_i), g_ij = p_ij - [j = label_i] and cos_ij = s_ij tau:
+
+    dL/dq_i = (2 tau / N) dL * (1 / (tau |q_i|)) * ( sum_j g_ij k_j/|k_j| - (sum_j g_ij cos_ij) q_i/|q_i| )
+
+The keys come from the momentum encoder and get no gradient. Inverse norms (O(N + M) floats) are computed once
+outside the tiles; dots accumulate in fp32 for bf16/fp16 inputs.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from fastvit_ssl.methods.losses import contrastive_loss_ref
+
+MAX_DIM = 1024  # a row of q (and of k) is one tile in registers
+
+
+def _config(dim: int, device: torch.device) -> dict:
+    block_d = max(16, triton.next_power_of_2(dim))
+    if device.type != "cuda":  # the interpreter: few, large programs
+        return dict(BLOCK_N=32, BLOCK_M=128, BLOCK_D=block_d, num_warps=4)
+    return dict(BLOCK_N=64, BLOCK_M=64 if block_d <= 256 else 32, BLOCK_D=block_d, num_warps=4 if block_d <= 128 else 8)
+
+
+@triton.jit
+def _logits_tile(
+    q, rq_scaled, k_ptr, rk_ptr, cols, dims, M, D, stride_k, UPCAST: tl.constexpr, PRECISION: tl.constexpr
+):
+    """(s [BLOCK_N, BLOCK_M], the key tile, its inverse norms); columns past M get -inf."""
+    col_ok = cols < M
+    k = tl.load(k_ptr + cols[:, None] * stride_k + dims[None, :], mask=col_ok[:, None] & (dims[None, :] < D), other=0.0)
+    if UPCAST:
+        k = k.to(tl.float32)
+    rk = tl.load(rk_ptr + cols, mask=col_ok, other=0.0)
+    s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * rq_scaled[:, None] * rk[None, :]
+    return tl.where(col_ok[None, :], s, float("-inf")), k, rk
+
+
+@triton.jit
+def _contrastive_fwd_kernel(
+    q_ptr,
+    k_ptr,
+    rq_ptr,
+    rk_ptr,
+    lse_ptr,
+    loss_ptr,
+    N,
+    M,
+    D,
+    stride_q,
+    stride_k,
+    label_offset,
+    inv_t,
+    BLOCK_N: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    UPCAST: tl.constexpr,
+    PRECISION: tl.constexpr,
+):
+    rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    dims = tl.arange(0, BLOCK_D)
+    row_ok = rows < N
+    q = tl.load(q_ptr + rows[:, None] * stride_q + dims[None, :], mask=row_ok[:, None] & (dims[None, :] < D), other=0.0)
+    if UPCAST:
+        q = q.to(tl.float32)
+    rq_scaled = tl.load(rq_ptr + rows, mask=row_ok, other=0.0) * inv_t
+    labels = rows + label_offset
+    run_max = tl.full([BLOCK_N], float("-inf"), tl.float32)
+    run_sum = tl.zeros([BLOCK_N], tl.float32)
+    positive = tl.zeros([BLOCK_N], tl.float32)
+    for start in range(0, M, BLOCK_M):
+        cols = start + tl.arange(0, BLOCK_M)
+        s, _, _ = _logits_tile(q, rq_scaled, k_ptr, rk_ptr, cols, dims, M, D, stride_k, UPCAST, PRECISION)
+        new_max = tl.maximum(run_max, tl.max(s, axis=1))
+        run_sum = run_sum * tl.exp(run_max - new_max) + tl.sum(tl.exp(s - new_max[:, None]), axis=1)
+        run_max = new_max
+        positive += tl.sum(tl.where(cols[None, :] == labels[:, None], s, 0.0), axis=1)
+    lse = run_max + tl.log(run_sum)
+    tl.store(lse_ptr + rows, lse, mask=row_ok)
+    tl.store(loss_ptr + rows, lse - positive, mask=row_ok)
+
+
+@triton.jit
+def _contrastive_bwd_kernel(
+    q_ptr,
+    k_ptr,
+    rq_ptr,
+    rk_ptr,
+    lse_ptr,
+    dloss_ptr,
+    dq_ptr,
+    N,
+    M,
+    D,
+    stride_q,
+    stride_k,
+    stride_dq,
+    label_offset,
+    inv_t,
+    two_t_over_n,
+    BLOCK_N: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    UPCAST: tl.constexpr,
+    PRECISION: tl.constexpr,
+):
+    rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    dims = tl.arange(0, BLOCK_D)
+    row_ok = rows < N
+    tile_ok = row_ok[:, None] & (dims[None, :] < D)
+    q = tl.load(q_ptr + rows[:, None] * stride_q + dims[None, :], mask=tile_ok, other=0.0)
+    if UPCAST:
+        q = q.to(tl.float32)
+    rq = tl.load(rq_ptr + rows, mask=row_ok, other=0.0)
+    lse = tl.load(lse_ptr + rows, mask=row_ok, other=0.0)
+    labels = rows + label_offset
+    g_keys = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)  # sum_j g_ij k_j / |k_j|
+    g_cos = tl.zeros([BLOCK_N], tl.float32)  # sum_j g_ij cos_ij, times 1 / tau
+    for start in range(0, M, BLOCK_M):
+        cols = start + tl.arange(0, BLOCK_M)
+        s, k, rk = _logits_tile(q, rq * inv_t, k_ptr, rk_ptr, cols, dims, M, D, stride_k, UPCAST, PRECISION)
+        p = tl.where(cols[None, :] < M, tl.exp(s - lse[:, None]), 0.0)
+        g = p - tl.where(cols[None, :] == labels[:, None], 1.0, 0.0)
+        g_cos += tl.sum(g * tl.where(cols[None, :] < M, s, 0.0), axis=1)
+        k_unit = (k * rk[:, None]).to(k.dtype)
+        g_keys += tl.dot(g.to(k.dtype), k_unit, input_precision=PRECISION)
+    scale = tl.load(dloss_ptr) * two_t_over_n * rq * inv_t  # (BLOCK_N,)
+    q_unit = q.to(tl.float32) * rq[:, None]
+    dq = scale[:, None] * (g_keys - (g_cos / inv_t)[:, None] * q_unit)
+    tl.store(dq_ptr + rows[:, None] * stride_dq + dims[None, :], dq.to(dq_ptr.dtype.element_ty), mask=tile_ok)
+
+
+def _check(q: torch.Tensor, k: torch.Tensor, label_offset: int) -> None:
+    if q.ndim != 2 or k.ndim != 2 or q.shape[1] != k.shape[1]:
+        raise ValueError(f"contrastive_loss: q [N, D] and k [M, D] expected, got {tuple(q.shape)} and {tuple(k.shape)}")
+    if q.shape[1] > MAX_DIM:
+        raise ValueError(f"contrastive_loss: feature dim {q.shape[1]} > {MAX_DIM}; use contrastive_loss_ref")
+    if q.dtype != k.dtype or q.device != k.device:
+        raise ValueError(f"contrastive_loss: q ({q.dtype}, {q.device}) and k ({k.dtype}, {k.device}) must match")
+    if not 0 <= label_offset <= k.shape[0] - q.shape[0]:
+        raise ValueError(
+            f"contrastive_loss: labels {label_offset}..{label_offset + q.shape[0] - 1} fall outside "
+            f"the {k.shape[0]} keys"
+        )
+    if k.requires_grad:
+        raise ValueError(
+            "contrastive_loss: keys (momentum-encoder outputs) must not require grad; "
+            "use contrastive_loss_ref to differentiate through them"
+        )
+
+
+def _dot_flags(x: torch.Tensor) -> dict:
+    """fp32 inputs get full-precision dots; the interpreter gets fp32 operands (its bf16 dot is wrong)."""
+    return dict(
+        UPCAST=x.device.type != "cuda" or x.dtype == torch.float32,
+        PRECISION="ieee" if x.dtype == torch.float32 else "tf32",
+    )
+
+
+def _inverse_norms(x: torch.Tensor) -> torch.Tensor:
+    return x.float().norm(dim=1).clamp_min(1e-12).reciprocal()  # F.normalize's eps
+
+
+def contrastive_fwd(q, k, temperature: float, label_offset: int):
+    """Row losses [N] (fp32), row log-sum-exps [N] and the inverse norms of q and k."""
+    q, k = q.contiguous(), k.contiguous()
+    (N, D), M = q.shape, k.shape[0]
+    rq, rk = _inverse_norms(q), _inverse_norms(k)
+    lse = torch.empty(N, dtype=torch.float32, device=q.device)
+    loss_rows = torch.empty(N, dtype=torch.float32, device=q.device)
+    cfg = _config(D, q.device)
+    grid = (triton.cdiv(N, cfg["BLOCK_N"]),)
+    _contrastive_fwd_kernel[grid](
+        q,
+        k,
+        rq,
+        rk,
+        lse,
+        loss_rows,
+        N,
+        M,
+        D,
+        q.stride(0),
+        k.stride(0),
+        label_offset,
+        1.0 / temperature,
+        **_dot_flags(q),
+        **cfg,
+    )
+    return loss_rows, lse, rq, rk
+
+
+def contrastive_bwd(q, k, rq, rk, lse, dloss, temperature: float, label_offset: int) -> torch.Tensor:
+    q, k = q.contiguous(), k.contiguous()
+    (N, D), M = q.shape, k.shape[0]
+    dq = torch.empty_like(q)
+    cfg = _config(D, q.device)
+    grid = (triton.cdiv(N, cfg["BLOCK_N"]),)
+    _contrastive_bwd_kernel[grid](
+        q,
+        k,
+        rq,
+        rk,
+        lse,
+        dloss.float().contiguous(),
+        dq,
+        N,
+        M,
+        D,
+        q.stride(0),
+        k.stride(0),
+        dq.stride(0),
+        label_offset,
+        1.0 / temperature,
+        2.0 * temperature / N,
+        **_dot_flags(q),
+        **cfg,
+    )
+    return dq
+
+
+class ContrastiveLossFn(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, q, k, temperature, label_offset):
+        loss_rows, lse, rq, rk = contrastive_fwd(q, k, temperature, label_offset)
+        ctx.save_for_backward(q, k, rq, rk, lse)
+        ctx.temperature, ctx.label_offset = temperature, label_offset
+        return loss_rows.mean() * (2.0 * temperature)
+
+    @staticmethod
+    def backward(ctx, dloss):
+        if not ctx.needs_input_grad[0]:
+            return None, None, None, None
+        q, k, rq, rk, lse = ctx.saved_tensors
+        return contrastive_bwd(q, k, rq, rk, lse, dloss, ctx.temperature, ctx.label_offset), None, None, None
+
+
+def contrastive_loss(q: torch.Tensor, k: torch.Tensor, temperature: float, label_offset: int = 0) -> torch.Tensor:
+    """Same value and q-gradient as contrastive_loss_ref, in O(N + M) extra memory instead of O(N M)."""
+    _check(q, k, label_offset)
+    return ContrastiveLossFn.apply(q, k, float(temperature), int(label_offset))
+
+
+__all__ = ["contrastive_loss", "contrastive_loss_ref"]

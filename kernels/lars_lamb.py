@@ -1,0 +1,286 @@
+"""Fused LARS and LAMB: every parameter tensor in two multi-tensor launches per step (and dtype group).
+
+Pass 1 walks all tensors chunk by chunk and accumulates, per tensor, |p|^2 and |u|^2 of the update u into a
+[T, 2] fp32 buffer (atomic adds); LAMB also writes its new moments there. Pass 2 turns the two norms of the
+chunk's tensor into its trust ratio and applies the step. The semantics are those of the references
+(fastvit_ssl.optim.lars.LARS, fastvit_ssl.optim.lamb.LAMB): tensors with ndim <= 1 get neither weight decay nor
+trust ratio; parameters may be bf16, the state is fp32 and has the references' names, so checkpoints move between
+the fused and the reference optimizers.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from fastvit_ssl.kernels.multi_tensor import address_table, chunk_table, group_by_dtype, triton_dtype
+from fastvit_ssl.optim.lamb import LAMB
+from fastvit_ssl.optim.lars import LARS
+
+BLOCK = 4096
+
+
+@triton.jit
+def _chunk(chunk_tensor, chunk_start, numels, BLOCK: tl.constexpr):
+    """(tensor index, element offsets, mask) of this program's chunk."""
+    chunk = tl.program_id(0)
+    t = tl.load(chunk_tensor + chunk)
+    offsets = tl.load(chunk_start + chunk) + tl.arange(0, BLOCK)
+    return t, offsets, offsets < tl.load(numels + t)
+
+
+@triton.jit
+def _trust_ratio(norms_ptr, t, adapt, coefficient):
+    """coefficient * |p| / |u| for adapted tensors with both norms > 0, else 1."""
+    p_norm = tl.sqrt(tl.load(norms_ptr + 2 * t))
+    u_norm = tl.sqrt(tl.load(norms_ptr + 2 * t + 1))
+    use = (adapt != 0) & (p_norm > 0) & (u_norm > 0)
+    return tl.where(use, coefficient * p_norm / tl.where(use, u_norm, 1.0), 1.0)
+
+
+@triton.jit
+def _lars_norms_kernel(
+    p_addrs,
+    g_addrs,
+    adapt_ptr,
+    numels,
+    chunk_tensor,
+    chunk_start,
+    norms_ptr,
+    weight_decay,
+    P_DTYPE: tl.constexpr,
+    BLOCK: tl.constexpr,
+):
+    t, offsets, mask = _chunk(chunk_tensor, chunk_start, numels, BLOCK)
+    if tl.load(adapt_ptr + t) != 0:
+        p = tl.load(tl.load(p_addrs + t).to(tl.pointer_type(P_DTYPE)) + offsets, mask=mask, other=0.0).to(tl.float32)
+        g = tl.load(tl.load(g_addrs + t).to(tl.pointer_type(P_DTYPE)) + offsets, mask=mask, other=0.0).to(tl.float32)
+        u = g + weight_decay * p
+        tl.atomic_add(norms_ptr + 2 * t, tl.sum(p * p, axis=0))
+        tl.atomic_add(norms_ptr + 2 * t + 1, tl.sum(u * u, axis=0))
+
+
+@triton.jit
+def _lars_update_kernel(
+    p_addrs,
+    g_addrs,
+    mu_addrs,
+    adapt_ptr,
+    numels,
+    chunk_tensor,
+    chunk_start,
+    norms_ptr,
+    lr,
+    weight_decay,
+    momentum,
+    trust_coefficient,
+    P_DTYPE: tl.constexpr,
+    BLOCK: tl.constexpr,
+):
+    t, offsets, mask = _chunk(chunk_tensor, chunk_start, numels, BLOCK)
+    adapt = tl.load(adapt_ptr + t)
+    p_ptr = tl.load(p_addrs + t).to(tl.pointer_type(P_DTYPE))
+    mu_ptr = tl.load(mu_addrs + t).to(tl.pointer_type(tl.float32))
+    p = tl.load(p_ptr + offsets, mask=mask).to(tl.float32)
+    g = tl.load(tl.load(g_addrs + t).to(tl.pointer_type(P_DTYPE)) + offsets, mask=mask).to(tl.float32)
+    u = (g + tl.where(adapt != 0, weight_decay, 0.0) * p) * _trust_ratio(norms_ptr, t, adapt, trust_coefficient)
+    mu = tl.load(mu_ptr + offsets, mask=mask) * momentum + u
+    tl.store(mu_ptr + offsets, mu, mask=mask)
+    tl.store(p_ptr + offsets, (p - lr * mu).to(P_DTYPE), mask=mask)
+
+
+@triton.jit
+def _lamb_update_direction(p, m, v, t, adapt, corrections_ptr, weight_decay, eps):
+    """Adam's bias-corrected direction (per-tensor corrections 1 - beta^step) plus decoupled weight decay."""
+    u = (m / tl.load(corrections_ptr + 2 * t)) / (tl.sqrt(v / tl.load(corrections_ptr + 2 * t + 1)) + eps)
+    return u + tl.where(adapt != 0, weight_decay, 0.0) * p
+
+
+@triton.jit
+def _lamb_moments_kernel(
+    p_addrs,
+    g_addrs,
+    m_addrs,
+    v_addrs,
+    adapt_ptr,
+    numels,
+    chunk_tensor,
+    chunk_start,
+    norms_ptr,
+    corrections_ptr,
+    beta1,
+    beta2,
+    eps,
+    weight_decay,
+    P_DTYPE: tl.constexpr,
+    BLOCK: tl.constexpr,
+):
+    t, offsets, mask = _chunk(chunk_tensor, chunk_start, numels, BLOCK)
+    adapt = tl.load(adapt_ptr + t)
+    m_ptr = tl.load(m_addrs + t).to(tl.pointer_type(tl.float32))
+    v_ptr = tl.load(v_addrs + t).to(tl.pointer_type(tl.float32))
+    p = tl.load(tl.load(p_addrs + t).to(tl.pointer_type(P_DTYPE)) + offsets, mask=mask, other=0.0).to(tl.float32)
+    g = tl.load(tl.load(g_addrs + t).to(tl.pointer_type(P_DTYPE)) + offsets, mask=mask, other=0.0).to(tl.float32)
+    m = tl.load(m_ptr + offsets, mask=mask, other=0.0) * beta1 + (1.0 - beta1) * g
+    v = tl.load(v_ptr + offsets, mask=mask, other=0.0) * beta2 + (1.0 - beta2) * g * g
+    tl.store(m_ptr + offsets, m, mask=mask)
+    tl.store(v_ptr + offsets, v, mask=mask)
+    if adapt != 0:
+        u = tl.where(mask, _lamb_update_direction(p, m, v, t, adapt, corrections_ptr, weight_decay, eps), 0.0)
+        tl.atomic_add(norms_ptr + 2 * t, tl.sum(p * p, axis=0))
+        tl.atomic_add(norms_ptr + 2 * t + 1, tl.sum(u * u, axis=0))
+
+
+@triton.jit
+def _lamb_update_kernel(
+    p_addrs,
+    m_addrs,
+    v_addrs,
+    adapt_ptr,
+    numels,
+    chunk_tensor,
+    chunk_start,
+    norms_ptr,
+    corrections_ptr,
+    lr,
+    eps,
+    weight_decay,
+    P_DTYPE: tl.constexpr,
+    BLOCK: tl.constexpr,
+):
+    t, offsets, mask = _chunk(chunk_tensor, chunk_start, numels, BLOCK)
+    adapt = tl.load(adapt_ptr + t)
+    p_ptr = tl.load(p_addrs + t).to(tl.pointer_type(P_DTYPE))
+    p = tl.load(p_ptr + offsets, mask=mask).to(tl.float32)
+    m = tl.load(tl.load(m_addrs + t).to(tl.pointer_type(tl.float32)) + offsets, mask=mask)
+    v = tl.load(tl.load(v_addrs + t).to(tl.pointer_type(tl.float32)) + offsets, mask=mask)
+    u = _lamb_update_direction(p, m, v, t, adapt, corrections_ptr, weight_decay, eps)
+    tl.store(p_ptr + offsets, (p - lr * _trust_ratio(norms_ptr, t, adapt, 1.0) * u).to(P_DTYPE), mask=mask)
+
+
+class _MultiTensorStep:
+    """The tables of one dtype group of a param group, for one step."""
+
+    def __init__(self, params: list[torch.Tensor], state_names: tuple[str, ...], states: dict):
+        self.device = params[0].device
+        self.p_dtype = triton_dtype(params[0].dtype)
+        self.numels, self.chunk_tensor, self.chunk_start = chunk_table(
+            tuple(p.numel() for p in params), BLOCK, self.device
+        )
+        self.grid = (self.chunk_tensor.numel(),)
+        self.adapt = torch.tensor([p.ndim > 1 for p in params], dtype=torch.int32).to(self.device, non_blocking=True)
+        self.p = address_table(params, self.device)
+        self.g = address_table([p.grad for p in params], self.device)
+        self.state = [address_table([states[p][name] for p in params], self.device) for name in state_names]
+        self.norms = torch.zeros(len(params), 2, dtype=torch.float32, device=self.device)
+
+
+def _dtype_groups(group: dict):
+    """The parameters with a gradient, split by dtype (one launch pair per dtype)."""
+    params = [p for p in group["params"] if p.grad is not None]
+    for p in params:
+        if p.grad.dtype != p.dtype or not p.grad.is_contiguous():
+            raise ValueError(f"fused optimizers need contiguous gradients of the parameter's dtype ({p.dtype})")
+    for _, idx in group_by_dtype(params).items():
+        yield [params[i] for i in idx]
+
+
+class FusedLARS(LARS):
+    """LARS with the reference's semantics and state, in two multi-tensor launches per step."""
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        loss = None if closure is None else closure()
+        for group in self.param_groups:
+            for params in _dtype_groups(group):
+                for p in params:
+                    if "mu" not in self.state[p]:
+                        self.state[p]["mu"] = torch.zeros_like(p, dtype=torch.float32)
+                s = _MultiTensorStep(params, ("mu",), self.state)
+                _lars_norms_kernel[s.grid](
+                    s.p,
+                    s.g,
+                    s.adapt,
+                    s.numels,
+                    s.chunk_tensor,
+                    s.chunk_start,
+                    s.norms,
+                    group["weight_decay"],
+                    P_DTYPE=s.p_dtype,
+                    BLOCK=BLOCK,
+                )
+                _lars_update_kernel[s.grid](
+                    s.p,
+                    s.g,
+                    s.state[0],
+                    s.adapt,
+                    s.numels,
+                    s.chunk_tensor,
+                    s.chunk_start,
+                    s.norms,
+                    group["lr"],
+                    group["weight_decay"],
+                    group["momentum"],
+                    group["trust_coefficient"],
+                    P_DTYPE=s.p_dtype,
+                    BLOCK=BLOCK,
+                )
+        return loss
+
+
+class FusedLAMB(LAMB):
+    """LAMB with the reference's semantics and state, in two multi-tensor launches per step."""
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        loss = None if closure is None else closure()
+        for group in self.param_groups:
+            beta1, beta2 = group["betas"]
+            for params in _dtype_groups(group):
+                for p in params:
+                    state = self.state[p]
+                    if not state:
+                        state["step"] = torch.zeros((), dtype=torch.float32)
+                        state["exp_avg"] = torch.zeros_like(p, dtype=torch.float32)
+                        state["exp_avg_sq"] = torch.zeros_like(p, dtype=torch.float32)
+                    state["step"] += 1
+                steps = torch.stack([self.state[p]["step"] for p in params]).double()  # CPU tensors: no device sync
+                corrections = torch.stack([1 - beta1**steps, 1 - beta2**steps], dim=1).float().to(params[0].device)
+                s = _MultiTensorStep(params, ("exp_avg", "exp_avg_sq"), self.state)
+                _lamb_moments_kernel[s.grid](
+                    s.p,
+                    s.g,
+                    *s.state,
+                    s.adapt,
+                    s.numels,
+                    s.chunk_tensor,
+                    s.chunk_start,
+                    s.norms,
+                    corrections,
+                    beta1,
+                    beta2,
+                    group["eps"],
+                    group["weight_decay"],
+                    P_DTYPE=s.p_dtype,
+                    BLOCK=BLOCK,
+                )
+                _lamb_update_kernel[s.grid](
+                    s.p,
+                    *s.state,
+                    s.adapt,
+                    s.numels,
+                    s.chunk_tensor,
+                    s.chunk_start,
+                    s.norms,
+                    corrections,
+                    group["lr"],
+                    group["eps"],
+                    group["weight_decay"],
+                    P_DTYPE=s.p_dtype,
+                    BLOCK=BLOCK,
+                )
+        return loss
+
+
+__all__ = ["LAMB", "LARS", "FusedLAMB", "FusedLARS"]

@@ -1,0 +1,340 @@
+"""Fused patch embedding: patchify + linear projection + bias + position embedding (+ class token) in one kernel.
+
+    out[b, 0]     = cls + pos[0]                                    (with a class token)
+    out[b, 1 + l] = W . patch_l(x_b) + bias + pos[1 + l],           patch_l flattened as (c, i, j) like the conv weight
+
+The patches are gathered straight from the image (no im2col copy, no conv/flatten/transpose/cat/add chain). Images
+are float NCHW, or uint8 NHWC (as DALI hands them over) normalised on the fly: x = (u / 255 - mean[c]) / std[c].
+Backward computes dW = sum_rows dout^T patch and dbias = sum_rows dout in one kernel, and nothing at all for a
+frozen projection (MoCo v3's random patch projection); class token and position table take plain sums.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+import triton
+import triton.language as tl
+
+
+def _config(device: torch.device) -> dict:
+    if device.type != "cuda":  # the interpreter: few, large programs
+        return dict(BLOCK_R=64, BLOCK_D=128, BLOCK_K=64, num_warps=4)
+    return dict(BLOCK_R=64, BLOCK_D=64, BLOCK_K=64, num_warps=4)
+
+
+@triton.jit
+def _gather_patches(
+    img_ptr,
+    scale_ptr,
+    shift_ptr,
+    base,
+    valid,
+    ks,
+    K,
+    stride_c,
+    stride_h,
+    stride_w,
+    P: tl.constexpr,
+    NORMALIZE: tl.constexpr,
+):
+    """[BLOCK_R, BLOCK_K] pixels of the patches starting at `base` (element offsets), columns k = (c, i, j)."""
+    c = ks // (P * P)
+    i = (ks // P) % P
+    j = ks % P
+    offsets = base[:, None] + c[None, :] * stride_c + i[None, :] * stride_h + j[None, :] * stride_w
+    mask = valid[:, None] & (ks[None, :] < K)
+    x = tl.load(img_ptr + offsets, mask=mask, other=0)
+    if NORMALIZE:
+        scale = tl.load(scale_ptr + c, mask=ks < K, other=0.0)
+        shift = tl.load(shift_ptr + c, mask=ks < K, other=0.0)
+        x = tl.where(mask, x.to(tl.float32) * scale[None, :] + shift[None, :], 0.0)
+    return x
+
+
+@triton.jit
+def _patch_embed_fwd_kernel(
+    img_ptr,
+    w_ptr,
+    bias_ptr,
+    pos_ptr,
+    cls_ptr,
+    scale_ptr,
+    shift_ptr,
+    out_ptr,
+    R,
+    T,
+    D,
+    K,
+    grid_w,
+    stride_b,
+    stride_c,
+    stride_h,
+    stride_w,
+    P: tl.constexpr,
+    HAS_CLS: tl.constexpr,
+    NORMALIZE: tl.constexpr,
+    BLOCK_R: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    DOT_DTYPE: tl.constexpr,
+    PRECISION: tl.constexpr,
+):
+    rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)  # output rows b * T + t
+    cols = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
+    token = rows % T
+    patch = token - HAS_CLS  # -1 on class-token rows
+    is_patch = (rows < R) & (patch >= 0)
+    base = (rows // T) * stride_b + (patch // grid_w) * (P * stride_h) + (patch % grid_w) * (P * stride_w)
+    acc = tl.zeros([BLOCK_R, BLOCK_D], tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        ks = k0 + tl.arange(0, BLOCK_K)
+        x = _gather_patches(
+            img_ptr, scale_ptr, shift_ptr, base, is_patch, ks, K, stride_c, stride_h, stride_w, P, NORMALIZE
+        )
+        w = tl.load(w_ptr + cols[None, :] * K + ks[:, None], mask=(ks[:, None] < K) & (cols[None, :] < D), other=0.0)
+        acc += tl.dot(x.to(DOT_DTYPE), w.to(DOT_DTYPE), input_precision=PRECISION)  # (BLOCK_R, BLOCK_D)
+    col_ok = cols < D
+    value = acc + tl.load(bias_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
+    if HAS_CLS:
+        cls = tl.load(cls_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)
+        value = tl.where((patch >= 0)[:, None], value, cls[None, :])
+    out_ok = (rows < R)[:, None] & col_ok[None, :]
+    value += tl.load(pos_ptr + token[:, None] * D + cols[None, :], mask=out_ok, other=0.0).to(tl.float32)
+    tl.store(out_ptr + rows[:, None] * D + cols[None, :], value.to(out_ptr.dtype.element_ty), mask=out_ok)
+
+
+@triton.jit
+def _patch_embed_bwd_kernel(
+    img_ptr,
+    dout_ptr,
+    scale_ptr,
+    shift_ptr,
+    dw_ptr,
+    dbias_ptr,
+    RP,
+    L,
+    T,
+    D,
+    K,
+    grid_w,
+    stride_b,
+    stride_c,
+    stride_h,
+    stride_w,
+    rows_per_split,
+    P: tl.constexpr,
+    HAS_CLS: tl.constexpr,
+    NORMALIZE: tl.constexpr,
+    BLOCK_R: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    PRECISION: tl.constexpr,
+):
+    cols = tl.program_id(0) * BLOCK_D + tl.arange(0, BLOCK_D)
+    ks = tl.program_id(1) * BLOCK_K + tl.arange(0, BLOCK_K)
+    first = tl.program_id(2) * rows_per_split
+    acc_w = tl.zeros([BLOCK_D, BLOCK_K], tl.float32)
+    acc_b = tl.zeros([BLOCK_D], tl.float32)
+    for r0 in range(first, tl.minimum(first + rows_per_split, RP), BLOCK_R):
+        prow = r0 + tl.arange(0, BLOCK_R)  # patch rows b * L + l
+        valid = prow < tl.minimum(first + rows_per_split, RP)
+        b, patch = prow // L, prow % L
+        base = b * stride_b + (patch // grid_w) * (P * stride_h) + (patch % grid_w) * (P * stride_w)
+        x = _gather_patches(
+            img_ptr, scale_ptr, shift_ptr, base, valid, ks, K, stride_c, stride_h, stride_w, P, NORMALIZE
+        ).to(tl.float32)
+        out_row = b * T + HAS_CLS + patch
+        g = tl.load(
+            dout_ptr + out_row[:, None] * D + cols[None, :], mask=valid[:, None] & (cols[None, :] < D), other=0.0
+        ).to(tl.float32)
+        acc_w += tl.dot(tl.trans(g), x, input_precision=PRECISION)
+        acc_b += tl.sum(g, axis=0)
+    w_ok = (cols[:, None] < D) & (ks[None, :] < K)
+    tl.atomic_add(dw_ptr + cols[:, None] * K + ks[None, :], acc_w, mask=w_ok)
+    if tl.program_id(1) == 0:
+        tl.atomic_add(dbias_ptr + cols, acc_b, mask=cols < D)
+
+
+def _layout(images: torch.Tensor):
+    """(B, C, H, W, strides b/c/h/w, normalize?) for float NCHW or uint8 NHWC images."""
+    if images.dtype == torch.uint8:
+        B, H, W, C = images.shape
+        sb, sh, sw, sc = images.stride()
+        return B, C, H, W, (sb, sc, sh, sw), True
+    B, C, H, W = images.shape
+    return B, C, H, W, images.stride(), False
+
+
+def _norm_constants(mean, std, channels: int, device):
+    """(scale, shift) per channel so that u * scale + shift = (u / 255 - mean) / std."""
+    if mean is None or std is None:
+        raise ValueError("patch_embed: uint8 images need the normalisation mean and std")
+    mean = torch.as_tensor(mean, dtype=torch.float32, device=device).reshape(channels)
+    std = torch.as_tensor(std, dtype=torch.float32, device=device).reshape(channels)
+    return 1.0 / (255.0 * std), -mean / std
+
+
+def _check(images, weight, pos_embed, patch_size, cls_token):
+    B, C, H, W, _, _ = _layout(images)
+    D = weight.shape[0]
+    if weight.shape != (D, C, patch_size, patch_size):
+        raise ValueError(f"patch_embed: weight {tuple(weight.shape)} is not [D, {C}, {patch_size}, {patch_size}]")
+    if H % patch_size or W % patch_size:
+        raise ValueError(f"patch_embed: image {H}x{W} is not a multiple of the patch size {patch_size}")
+    T = (H // patch_size) * (W // patch_size) + (cls_token is not None)
+    if pos_embed.shape[-2:] != (T, D):
+        raise ValueError(f"patch_embed: pos_embed {tuple(pos_embed.shape)} must end with ({T}, {D})")
+    if images.requires_grad:
+        raise ValueError("patch_embed: no gradient for the images; use patch_embed_ref")
+
+
+def _output_dtype(weight: torch.Tensor) -> torch.dtype:
+    if torch.is_autocast_enabled(weight.device.type):
+        return torch.get_autocast_dtype(weight.device.type)
+    return weight.dtype
+
+
+def patch_embed_fwd(images, weight, bias, pos_embed, patch_size, cls_token, mean, std):
+    B, C, H, W, strides, normalize = _layout(images)
+    D, K = weight.shape[0], C * patch_size * patch_size
+    grid_w = W // patch_size
+    T = (H // patch_size) * grid_w + (cls_token is not None)
+    out_dtype = _output_dtype(weight)
+    out = torch.empty(B, T, D, dtype=out_dtype, device=images.device)
+    scale, shift = _norm_constants(mean, std, C, images.device) if normalize else (weight, weight)  # unused
+    cfg = _config(images.device)
+    interpreted = images.device.type != "cuda"
+    dot_dtype = tl.float32 if interpreted or out_dtype == torch.float32 else tl.bfloat16
+    grid = (triton.cdiv(B * T, cfg["BLOCK_R"]), triton.cdiv(D, cfg["BLOCK_D"]))
+    _patch_embed_fwd_kernel[grid](
+        images,
+        weight.contiguous(),
+        bias,
+        pos_embed.contiguous(),
+        cls_token if cls_token is not None else bias,
+        scale,
+        shift,
+        out,
+        B * T,
+        T,
+        D,
+        K,
+        grid_w,
+        *strides,
+        P=patch_size,
+        HAS_CLS=cls_token is not None,
+        NORMALIZE=normalize,
+        DOT_DTYPE=dot_dtype,
+        PRECISION="ieee",
+        **cfg,
+    )
+    return out
+
+
+def patch_embed_bwd(images, dout, patch_size, has_cls, weight_shape, mean, std):
+    """(dW [D, C, P, P], dbias [D]) in fp32."""
+    B, C, H, W, strides, normalize = _layout(images)
+    D, K = weight_shape[0], C * patch_size * patch_size
+    grid_w = W // patch_size
+    L = (H // patch_size) * grid_w
+    dout = dout.contiguous()
+    dw = torch.zeros(D, K, dtype=torch.float32, device=images.device)
+    dbias = torch.zeros(D, dtype=torch.float32, device=images.device)
+    scale, shift = _norm_constants(mean, std, C, images.device) if normalize else (dw, dw)  # unused
+    cfg = _config(images.device)
+    tiles = triton.cdiv(D, cfg["BLOCK_D"]) * triton.cdiv(K, cfg["BLOCK_K"])
+    splits = 1  # split the rows over more programs when the weight tiles alone cannot fill the GPU
+    if images.device.type == "cuda":
+        splits = max(1, min(16, 2 * torch.cuda.get_device_properties(images.device).multi_processor_count // tiles))
+    rows_per_split = triton.cdiv(triton.cdiv(B * L, splits), cfg["BLOCK_R"]) * cfg["BLOCK_R"]
+    grid = (triton.cdiv(D, cfg["BLOCK_D"]), triton.cdiv(K, cfg["BLOCK_K"]), triton.cdiv(B * L, rows_per_split))
+    _patch_embed_bwd_kernel[grid](
+        images,
+        dout,
+        scale,
+        shift,
+        dw,
+        dbias,
+        B * L,
+        L,
+        L + has_cls,
+        D,
+        K,
+        grid_w,
+        *strides,
+        rows_per_split,
+        P=patch_size,
+        HAS_CLS=has_cls,
+        NORMALIZE=normalize,
+        PRECISION="ieee",
+        **cfg,
+    )
+    return dw.view(weight_shape), dbias
+
+
+class PatchEmbedFn(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, images, weight, bias, pos_embed, cls_token, patch_size, mean, std):
+        ctx.save_for_backward(images)
+        ctx.patch_size, ctx.mean, ctx.std, ctx.has_cls, ctx.weight_shape = (
+            patch_size,
+            mean,
+            std,
+            cls_token is not None,
+            weight.shape,
+        )
+        ctx.dtypes = (weight.dtype, bias.dtype, pos_embed.dtype, None if cls_token is None else cls_token.dtype)
+        return patch_embed_fwd(images, weight, bias, pos_embed, patch_size, cls_token, mean, std)
+
+    @staticmethod
+    def backward(ctx, dout):
+        (images,) = ctx.saved_tensors
+        _, need_w, need_b, need_pos, need_cls = ctx.needs_input_grad[:5]
+        dw = dbias = dpos = dcls = None
+        if need_w or need_b:  # a frozen projection skips this, the only heavy part
+            dw, dbias = patch_embed_bwd(images, dout, ctx.patch_size, ctx.has_cls, ctx.weight_shape, ctx.mean, ctx.std)
+            dw, dbias = dw.to(ctx.dtypes[0]) if need_w else None, dbias.to(ctx.dtypes[1]) if need_b else None
+        if need_pos:
+            dpos = dout.sum(0, keepdim=True).to(ctx.dtypes[2])
+        if need_cls:
+            dcls = dout[:, :1].sum(0, keepdim=True).to(ctx.dtypes[3])
+        return None, dw, dbias, dpos, dcls, None, None, None
+
+
+def patch_embed(
+    images: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor,
+    pos_embed: torch.Tensor,
+    patch_size: int,
+    cls_token: torch.Tensor | None = None,
+    mean=None,
+    std=None,
+) -> torch.Tensor:
+    """[B, C, H, W] float (or [B, H, W, C] uint8 with mean/std) -> [B, (1 +) L, D] token embeddings.
+
+    weight: the conv weight [D, C, P, P]; bias [D]; pos_embed [1, (1 +) L, D]; cls_token [1, 1, D] or None.
+    """
+    _check(images, weight, pos_embed, patch_size, cls_token)
+    return PatchEmbedFn.apply(images, weight, bias, pos_embed, cls_token, patch_size, mean, std)
+
+
+def patch_embed_ref(
+    images: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor,
+    pos_embed: torch.Tensor,
+    patch_size: int,
+    cls_token: torch.Tensor | None = None,
+    mean=None,
+    std=None,
+) -> torch.Tensor:
+    """The unfused computation: (normalise) -> strided conv -> flatten -> transpose -> prepend class -> add pos."""
+    if images.dtype == torch.uint8:
+        scale, shift = _norm_constants(mean, std, images.shape[-1], images.device)
+        images = (images.float() * scale + shift).permute(0, 3, 1, 2)
+    x = F.conv2d(images.to(weight.dtype), weight, bias, stride=patch_size).flatten(2).transpose(1, 2)  # (B, L, D)
+    if cls_token is not None:
+        x = torch.cat([cls_token.expand(x.shape[0], -1, -1).to(x.dtype), x], dim=1)
+    return x + pos_embed

@@ -1,0 +1,37 @@
+"""Tolerances for kernel tests, tied to each dtype's own error (the rule of flash-attention's tests)."""
+
+import math
+
+import pytest
+import torch
+
+# One unit in the last place, relative: 2^-23 for fp32, 2^-7 for bf16 (with 8 significand bits).
+ULP = {torch.float32: 2.0**-23, torch.bfloat16: 2.0**-7, torch.float16: 2.0**-10}
+
+
+def assert_no_worse_than_torch(out: torch.Tensor, ref64: torch.Tensor, torch_lowp: torch.Tensor, atol: float = 0.0):
+    """|out - exact| <= 2 |torch at the same precision - exact| + atol + 1 ulp of out's dtype, element-wise: the
+    kernel may not be less accurate than PyTorch's own computation in that dtype, beyond rounding its output once
+    (the Triton interpreter truncates on stores, so a round-off can reach one ulp)."""
+    err = (out.double() - ref64).abs()
+    bound = 2 * (torch_lowp.double() - ref64).abs() + atol + ULP[out.dtype] * ref64.abs()
+    worst = (err - bound).argmax()
+    assert torch.all(err <= bound), (
+        f"error {err.flatten()[worst]:.3g} > bound {bound.flatten()[worst]:.3g} (max error {err.max():.3g})"
+    )
+
+
+def poison_empty(monkeypatch):
+    """Make torch.empty / empty_like return NaN-filled floats, so an output element a kernel forgets stays NaN."""
+    empty, empty_like = torch.empty, torch.empty_like
+
+    def fill(t):
+        return t.fill_(math.nan) if t.is_floating_point() else t
+
+    monkeypatch.setattr(torch, "empty", lambda *a, **k: fill(empty(*a, **k)))
+    monkeypatch.setattr(torch, "empty_like", lambda *a, **k: fill(empty_like(*a, **k)))
+
+
+@pytest.fixture
+def poisoned(monkeypatch):
+    poison_empty(monkeypatch)

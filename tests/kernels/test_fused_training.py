@@ -1,0 +1,101 @@
+"""The kernels inside the model: a fused ViT equals the reference one, training with fused kernels follows the
+reference losses, and the kernels import from an installed copy of the package."""
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from fastvit_ssl.config import load
+from fastvit_ssl.engine.local import LocalEngine
+from fastvit_ssl.kernels.dispatch import REFERENCE_OPS, fused_ops, select_ops
+from fastvit_ssl.methods.mocov3 import build_mocov3
+from fastvit_ssl.models import vit
+from fastvit_ssl.optim.build import build_optimizer
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+@pytest.fixture
+def micro_arch(monkeypatch):
+    monkeypatch.setitem(vit.ARCH_SPECS, "vit_micro", vit.ArchSpec(embed_dim=32, depth=2, num_heads=2, patch_size=7))
+    return ["model.arch=vit_micro", "model.img_size=14", "moco.dim=16", "moco.mlp_dim=64"]
+
+
+def test_fused_patch_embedding_gives_the_same_vit(micro_arch, device):
+    torch.manual_seed(0)
+    ref = vit.VisionTransformer("vit_micro", 14, frozen_patch_embed=False).to(device)
+    fused = vit.VisionTransformer("vit_micro", 14, frozen_patch_embed=False, patch_embed_fn=fused_ops().patch_embed)
+    fused.to(device).load_state_dict(ref.state_dict())
+    x = torch.randn(3, 3, 14, 14, device=device)
+    torch.testing.assert_close(fused(x), ref(x), rtol=1e-5, atol=1e-5)
+    fused(x).sum().backward()
+    ref(x).sum().backward()
+    torch.testing.assert_close(
+        fused.patch_embed.proj.weight.grad, ref.patch_embed.proj.weight.grad, rtol=1e-4, atol=1e-5
+    )
+
+
+def train(overrides, ops, device, steps=24):
+    cfg = load(None, overrides)
+    torch.manual_seed(0)
+    model = build_mocov3(cfg, ops).to(device)
+    engine = LocalEngine(model, build_optimizer(cfg.optim, model, ops), device)
+    losses = []
+    images = torch.randn(8, 3, 14, 14, generator=torch.Generator().manual_seed(100))
+    for step in range(steps):
+        noise = torch.randn(2, 8, 3, 14, 14, generator=torch.Generator().manual_seed(step))
+        views = (images + 0.3 * noise).to(device)
+        losses.append(engine.step(list(views), lr=0.05 if cfg.optim.name == "lars" else 2e-3, momentum=0.99)["loss"])
+    return torch.stack(losses)
+
+
+@pytest.mark.parametrize("optimizer", ["lars", "lamb"])
+def test_training_with_fused_kernels_follows_the_reference(micro_arch, optimizer, device):
+    overrides = [*micro_arch, f"optim.name={optimizer}", "model.frozen_patch_embed=false"]
+    ref_losses = train(overrides, REFERENCE_OPS, device)
+    fused_losses = train(overrides, fused_ops(), device)
+    assert ref_losses[-4:].mean() < ref_losses[:4].mean() - 0.1  # it does learn
+    torch.testing.assert_close(fused_losses, ref_losses, rtol=1e-4, atol=1e-4)
+
+
+def test_fused_falls_back_to_references_on_cpu(caplog):
+    assert select_ops("fused", torch.device("cpu")) is REFERENCE_OPS
+    assert "needs a CUDA device" in caplog.text
+    assert select_ops("reference", torch.device("cuda")) is REFERENCE_OPS
+
+
+def test_kernels_import_from_an_installed_copy(tmp_path):
+    target = tmp_path / "site"
+    subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "install",
+            "-q",
+            "--no-deps",
+            "--no-build-isolation",
+            "--target",
+            str(target),
+            str(REPO),
+        ],
+        check=True,
+        capture_output=True,
+        timeout=300,
+    )
+    code = "import fastvit_ssl.kernels as k; print(k.__file__); print(k.contrastive_loss.__module__)"
+    result = subprocess.run(
+        [sys.executable, "-c", code],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        check=True,
+        env={"PYTHONPATH": str(target), "TRITON_INTERPRET": "1"},
+        timeout=300,
+    )
+    installed_file, module = result.stdout.split()
+    assert installed_file == str(target / "fastvit_ssl" / "kernels" / "__init__.py")
+    assert module == "fastvit_ssl.kernels.contrastive"

@@ -1,0 +1,95 @@
+import pytest
+import torch
+from numerics import assert_no_worse_than_torch
+
+from fastvit_ssl.data.augment import IMAGENET_MEAN, IMAGENET_STD
+from fastvit_ssl.kernels import patch_embed as module
+from fastvit_ssl.kernels.patch_embed import patch_embed, patch_embed_ref
+
+# (batch, channels, image side, patch, embed dim, class token): one patch, partial tiles, K = 768 as in ViT/16
+SHAPES = [(1, 1, 8, 8, 5, True), (2, 3, 14, 7, 20, True), (3, 3, 16, 4, 33, False), (2, 3, 32, 16, 48, True)]
+
+
+def inputs(shape, dtype=torch.float32, seed=0, device="cpu"):
+    B, C, H, P, D, cls = shape
+    g = torch.Generator().manual_seed(seed)
+    T = (H // P) ** 2 + cls
+    images = torch.randn(B, C, H, H, generator=g)
+    weight = torch.randn(D, C, P, P, generator=g) / P
+    bias, pos = torch.randn(D, generator=g), torch.randn(1, T, D, generator=g)
+    cls_token = torch.randn(1, 1, D, generator=g) if cls else None
+    params = [t.to(device, dtype).requires_grad_() if t is not None else None for t in (weight, bias, pos, cls_token)]
+    return images.to(device, dtype), params
+
+
+def forward_backward(fn, images, params, P, dout_seed=1):
+    params = [p.detach().clone().requires_grad_() if p is not None else None for p in params]
+    out = fn(images, params[0], params[1], params[2], P, params[3])
+    dout = torch.randn(out.shape, generator=torch.Generator().manual_seed(dout_seed)).to(out.device, out.dtype)
+    (out * dout).sum().backward()
+    return out.detach(), [p.grad for p in params if p is not None]
+
+
+@pytest.mark.parametrize("shape", SHAPES, ids=str)
+def test_fp32_forward_and_backward_match_float64(shape, poisoned, device):
+    images, params = inputs(shape, device=device)
+    out, grads = forward_backward(patch_embed, images, params, shape[3])
+    out64, grads64 = forward_backward(
+        patch_embed_ref, images.double(), [p.double() if p is not None else None for p in params], shape[3]
+    )
+    assert torch.isfinite(out).all()
+    torch.testing.assert_close(out.double(), out64, rtol=1e-5, atol=1e-5)
+    for g, g64 in zip(grads, grads64):
+        torch.testing.assert_close(g.double(), g64, rtol=1e-5, atol=1e-4)
+
+
+@pytest.mark.parametrize("shape", SHAPES[1:], ids=str)
+def test_bf16_is_no_worse_than_torch_bf16(shape, poisoned, device):
+    images, params = inputs(shape, torch.bfloat16, seed=2, device=device)
+    P = shape[3]
+    out, grads = forward_backward(patch_embed, images, params, P)
+    out16, grads16 = forward_backward(patch_embed_ref, images, params, P)
+    out64, grads64 = forward_backward(
+        patch_embed_ref, images.double(), [p.double() if p is not None else None for p in params], P
+    )
+    assert out.dtype == torch.bfloat16
+    assert_no_worse_than_torch(out, out64, out16)
+    for g, g16, g64 in zip(grads, grads16, grads64):
+        assert_no_worse_than_torch(g, g64, g16)
+
+
+def test_uint8_nhwc_images_are_normalised_in_the_kernel(poisoned, device):
+    g = torch.Generator().manual_seed(3)
+    images = torch.randint(0, 256, (2, 16, 16, 3), dtype=torch.uint8, generator=g).to(device)  # as DALI gives them
+    _, (weight, bias, pos, cls) = inputs((2, 3, 16, 4, 24, True), seed=3, device=device)
+    out = patch_embed(images, weight, bias, pos, 4, cls, IMAGENET_MEAN, IMAGENET_STD)
+    mean, std = (torch.tensor(v, dtype=torch.float64, device=device) for v in (IMAGENET_MEAN, IMAGENET_STD))
+    float_images = (images.double() / 255 - mean) / std
+    expected = patch_embed_ref(
+        float_images.permute(0, 3, 1, 2), weight.double(), bias.double(), pos.double(), 4, cls.double()
+    )
+    torch.testing.assert_close(out.double(), expected, rtol=1e-5, atol=1e-4)
+
+
+def test_frozen_projection_does_no_backward_work(monkeypatch, device):
+    calls = []
+    monkeypatch.setattr(module, "patch_embed_bwd", lambda *a, **k: calls.append(1))
+    images, (weight, bias, pos, cls) = inputs((2, 3, 14, 7, 20, True), device=device)
+    weight.requires_grad_(False)
+    bias.requires_grad_(False)
+    pos.requires_grad_(False)
+    patch_embed(images, weight, bias, pos, 7, cls).sum().backward()
+    assert calls == [] and weight.grad is None
+    torch.testing.assert_close(cls.grad, torch.full_like(cls, 2.0))  # summed over the batch of 2
+
+
+def test_bad_shapes_are_named():
+    images, (weight, bias, pos, cls) = inputs((2, 3, 14, 7, 20, True))
+    with pytest.raises(ValueError, match=r"weight \(20, 3, 7, 7\) is not \[D, 3, 4, 4\]"):
+        patch_embed(images, weight, bias, pos, 4, cls)
+    with pytest.raises(ValueError, match="image 15x15 is not a multiple of the patch size 7"):
+        patch_embed(torch.randn(2, 3, 15, 15), weight, bias, pos, 7, cls)
+    with pytest.raises(ValueError, match=r"must end with \(4, 20\)"):
+        patch_embed(images, weight, bias, pos, 7, None)
+    with pytest.raises(ValueError, match="no gradient for the images"):
+        patch_embed(images.requires_grad_(), weight, bias, pos, 7, cls)
