@@ -6,7 +6,6 @@ import pytest
 import torch
 from PIL import Image
 
-from conftest import make_image_folder
 from fastvit_ssl.data.augment import ViewAugment, moco_v3_views, sample_crop
 from fastvit_ssl.data.folder import DataError, scan_image_folder
 from fastvit_ssl.data.torch_pipeline import (
@@ -16,6 +15,7 @@ from fastvit_ssl.data.torch_pipeline import (
     build_train_loader,
     eval_transform,
 )
+from image_fixtures import make_image_folder
 
 
 def test_recipe_views_are_asymmetric():

@@ -1,5 +1,6 @@
 import pytest
 import torch
+
 from numerics import poisoned  # noqa: F401  (fixture)
 
 

@@ -1,8 +1,8 @@
 import pytest
 import torch
-from numerics import assert_no_worse_than_torch
 
 from fastvit_ssl.kernels.contrastive import contrastive_loss, contrastive_loss_ref
+from numerics import assert_no_worse_than_torch
 
 # (N queries, M keys, D, label offset): N = 1 and 3, D not a power of two, M != N, rank offsets, partial tiles
 SHAPES = [(1, 1, 1, 0), (3, 6, 257, 3), (5, 5, 256, 0), (17, 51, 384, 34), (40, 130, 64, 80)]

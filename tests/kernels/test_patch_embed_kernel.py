@@ -1,10 +1,10 @@
 import pytest
 import torch
-from numerics import assert_no_worse_than_torch
 
 from fastvit_ssl.data.augment import IMAGENET_MEAN, IMAGENET_STD
 from fastvit_ssl.kernels import patch_embed as module
 from fastvit_ssl.kernels.patch_embed import patch_embed, patch_embed_ref
+from numerics import assert_no_worse_than_torch
 
 # (batch, channels, image side, patch, embed dim, class token): one patch, partial tiles, K = 768 as in ViT/16
 SHAPES = [(1, 1, 8, 8, 5, True), (2, 3, 14, 7, 20, True), (3, 3, 16, 4, 33, False), (2, 3, 32, 16, 48, True)]
