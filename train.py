@@ -56,28 +56,28 @@ def main(argv: list[str] | None = None) -> dict:
     torch.use_deterministic_algorithms(cfg.run.deterministic)
 
     data_root = resolve_root(cfg)
-    loader, sampler, classes = build_train_data(cfg, data_root)
+    loader, classes = build_train_data(cfg, data_root, device)
     eval_data = build_eval_data(cfg, data_root, classes)
     ops = select_ops(cfg.run.kernels, device)
     model = build_mocov3(cfg, ops).to(device)
     engine = LocalEngine(model, build_optimizer(cfg.optim, model, ops), device, cfg.run.precision, cfg.optim.clip_grad)
     start_step = resume(cfg, run_dir, engine)
 
-    total_steps = cfg.optim.epochs * sampler.batches_per_epoch
+    total_steps = cfg.optim.epochs * loader.batches_per_epoch
     monitor = Monitor(run_dir, total_steps, cfg.data.batch_size, cfg.run.log_every, start_step, distributed.is_main())
     log.info(
         "%s on %s x%d: %d steps/epoch x %d epochs, from step %d -> %s",
         cfg.model.arch,
         device,
         world,
-        sampler.batches_per_epoch,
+        loader.batches_per_epoch,
         cfg.optim.epochs,
         start_step,
         run_dir,
     )
 
     train_started = time.perf_counter()
-    step = train_loop(cfg, engine, loader, sampler, monitor, run_dir, start_step, eval_data, device)
+    step = train_loop(cfg, engine, loader, monitor, run_dir, start_step, eval_data, device)
     train_seconds = time.perf_counter() - train_started
 
     summary = {
@@ -110,7 +110,6 @@ def train_loop(
     cfg: Config,
     engine: LocalEngine,
     loader,
-    sampler,
     monitor: Monitor,
     run_dir: Path,
     step: int,
@@ -118,12 +117,12 @@ def train_loop(
     device: torch.device,
 ) -> int:
     """Iterate from `step` to the end (or run.stop_at_step); returns the last step done."""
-    steps_per_epoch = sampler.batches_per_epoch
+    steps_per_epoch = loader.batches_per_epoch
     peak_lr = schedules.peak_learning_rate(cfg.optim.base_lr, cfg.data.batch_size)
     last_step = cfg.run.stop_at_step or cfg.optim.epochs * steps_per_epoch
     while step < last_step:
         epoch, first_batch = divmod(step, steps_per_epoch)
-        sampler.start(epoch, first_batch)
+        loader.start(epoch, first_batch)
         for batch in loader:
             progress = step / steps_per_epoch  # fractional epoch: both schedules move every iteration
             lr = schedules.learning_rate(progress, peak_lr, cfg.optim.warmup_epochs, cfg.optim.epochs)

@@ -43,7 +43,7 @@ class MocoConfig:
 @dataclass
 class DataConfig:
     root: str = ""  # folder holding train/ (and val/ for kNN) as class sub-folders; "" builds the demo data set
-    backend: Literal["torch", "dali"] = "torch"
+    backend: Literal["auto", "torch", "dali"] = "auto"  # auto: DALI where it is installed, else Pillow + torch
     batch_size: int = 4096  # global, over all ranks
     num_workers: int = 8  # loader processes per rank
     min_scale: float = 0.08  # smallest crop area of RandomResizedCrop

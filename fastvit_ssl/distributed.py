@@ -60,3 +60,12 @@ def all_reduce_mean(x: torch.Tensor) -> torch.Tensor:
 def barrier() -> None:
     if is_initialized():
         dist.barrier()
+
+
+def broadcast_object(obj, src: int = 0):
+    """Rank `src`'s picklable object on every rank (identity without a process group)."""
+    if not is_initialized():
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=src)
+    return box[0]

@@ -32,6 +32,7 @@ def tiny_overrides(dataset_root, tmp_path) -> list[str]:
         "moco.mlp_dim=32",
         "data.batch_size=8",
         "data.num_workers=0",
+        "data.backend=torch",
         f"data.root={dataset_root}",
         "optim.epochs=2",
         "optim.warmup_epochs=1",

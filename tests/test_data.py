@@ -11,8 +11,8 @@ from fastvit_ssl.data.folder import DataError, scan_image_folder
 from fastvit_ssl.data.torch_pipeline import (
     MultiViewDataset,
     ShardedBatchSampler,
+    TorchViewLoader,
     augment_view,
-    build_train_loader,
     eval_transform,
 )
 from image_fixtures import make_image_folder
@@ -104,9 +104,8 @@ def test_corrupt_images_are_replaced_and_counted(tmp_path, caplog):
     files[3].write_text("not an image")
     Image.new("CMYK", (20, 20), (10, 20, 30, 0)).save(files[4])  # CMYK JPEG: readable, converted to RGB
     samples, _ = scan_image_folder(root)
-    sampler = ShardedBatchSampler(len(samples), 6, 0, 1, seed=0)
     with caplog.at_level(logging.WARNING):
-        batch = next(iter(build_train_loader(samples, moco_v3_views(16), sampler, num_workers=0)))
+        batch = next(iter(TorchViewLoader(samples, moco_v3_views(16), 6, 0, 1, seed=0, num_workers=0)))
     assert [v.shape for v in batch.views] == [(6, 3, 16, 16)] * 2  # the batch stays full
     assert batch.skipped >= 3  # each bad file is skipped at least once (more when several samples hit it)
     assert "skipping unreadable image" in caplog.text and str(files[1]) in caplog.text

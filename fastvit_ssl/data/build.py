@@ -10,9 +10,10 @@ from torch.utils.data import DataLoader
 from fastvit_ssl import distributed
 from fastvit_ssl.config import Config
 from fastvit_ssl.data.augment import moco_v3_views
+from fastvit_ssl.data.dali import DaliViewLoader, dali_available
 from fastvit_ssl.data.demo import build_demo_dataset
 from fastvit_ssl.data.folder import DataError, scan_image_folder
-from fastvit_ssl.data.torch_pipeline import EvalDataset, ShardedBatchSampler, build_train_loader
+from fastvit_ssl.data.torch_pipeline import EvalDataset, TorchViewLoader
 
 
 def resolve_root(cfg: Config) -> Path:
@@ -32,20 +33,42 @@ def resolve_root(cfg: Config) -> Path:
     return root
 
 
-def build_train_data(cfg: Config, root: Path) -> tuple[DataLoader, ShardedBatchSampler, list[str]]:
-    """Loader of this rank's share of every global batch, its sampler (to position it) and the class names."""
-    samples, classes = scan_image_folder(root / "train")
+def build_train_data(cfg: Config, root: Path, device: torch.device):
+    """(loader of this rank's share of every global batch, class names): Pillow + torch or DALI, ImageFolder tree or
+    webdataset shards (root/train/*.tar, DALI only)."""
     views = moco_v3_views(cfg.model.img_size, cfg.data.min_scale)
-    sampler = ShardedBatchSampler(
-        len(samples), cfg.data.batch_size, distributed.rank(), distributed.world_size(), cfg.run.seed
-    )
-    loader = build_train_loader(samples, views, sampler, cfg.data.num_workers, pin_memory=torch.cuda.is_available())
-    return loader, sampler, classes
+    tars = sorted(str(p) for p in (root / "train").glob("*.tar"))
+    use_dali = cfg.data.backend == "dali" or (cfg.data.backend == "auto" and dali_available())
+    if use_dali and not dali_available():
+        raise DataError(
+            "data.backend=dali but NVIDIA DALI is not installed: pip install nvidia-dali-cuda130 "
+            "(nvidia-dali-cuda120 for CUDA 12), or set data.backend=torch"
+        )
+    if tars and not use_dali:
+        raise DataError(
+            f"{root / 'train'} holds webdataset shards, which only the DALI backend reads: install DALI "
+            "and set data.backend=dali"
+        )
+    samples, classes = (tars, []) if tars else scan_image_folder(root / "train")
+    if use_dali:
+        loader = DaliViewLoader(samples, views, cfg.data.batch_size, cfg.run.seed, cfg.data.num_workers, device)
+    else:
+        loader = TorchViewLoader(
+            samples,
+            views,
+            cfg.data.batch_size,
+            distributed.rank(),
+            distributed.world_size(),
+            cfg.run.seed,
+            cfg.data.num_workers,
+            pin_memory=device.type == "cuda",
+        )
+    return loader, classes
 
 
 def build_eval_data(cfg: Config, root: Path, classes: list[str], batch_size: int = 256):
     """(train loader, val loader) of centre-cropped labelled images for kNN, or None without a val/ folder."""
-    if not (root / "val").is_dir():
+    if not classes or not (root / "val").is_dir():  # kNN needs labelled ImageFolder trees
         return None
     train_samples, _ = scan_image_folder(root / "train", classes)
     val_samples, _ = scan_image_folder(root / "val", classes)

@@ -143,14 +143,42 @@ def collate_views(items) -> Batch:
     return Batch(views, labels, sum(item[2] for item in items))
 
 
-def build_train_loader(
-    samples, views: list[ViewAugment], sampler: ShardedBatchSampler, num_workers: int, pin_memory: bool = False
-) -> DataLoader:
-    return DataLoader(
-        MultiViewDataset(samples, views),
-        batch_sampler=sampler,
-        num_workers=num_workers,
-        collate_fn=collate_views,
-        pin_memory=pin_memory,
-        persistent_workers=num_workers > 0,
-    )
+class TorchViewLoader:
+    """Pre-training batches of this rank from the Pillow pipeline; `start(epoch, first_batch)` positions it.
+
+    Args:
+        samples: [(path, label)] of the training set.
+        views: augmentation of each view.
+        global_batch: images per step over all ranks.
+        rank, world_size: this process and the number of processes.
+        seed: data order and augmentations derive from (seed, epoch, image).
+        num_workers: loader processes; pin_memory: for fast copies to a GPU.
+    """
+
+    def __init__(
+        self,
+        samples,
+        views: list[ViewAugment],
+        global_batch: int,
+        rank: int,
+        world_size: int,
+        seed: int,
+        num_workers: int,
+        pin_memory: bool = False,
+    ):
+        self.sampler = ShardedBatchSampler(len(samples), global_batch, rank, world_size, seed)
+        self.batches_per_epoch = self.sampler.batches_per_epoch
+        self.loader = DataLoader(
+            MultiViewDataset(samples, views),
+            batch_sampler=self.sampler,
+            num_workers=num_workers,
+            collate_fn=collate_views,
+            pin_memory=pin_memory,
+            persistent_workers=num_workers > 0,
+        )
+
+    def start(self, epoch: int, first_batch: int = 0) -> None:
+        self.sampler.start(epoch, first_batch)
+
+    def __iter__(self):
+        return iter(self.loader)

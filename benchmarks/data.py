@@ -1,0 +1,100 @@
+"""Images per second of each data backend: decode + the two MoCo v3 views at 224^2, this process alone.
+
+    python benchmarks/data.py                          # generated 500x375 JPEGs, 2 workers / threads
+    python benchmarks/data.py --root /data/imagenet/train --threads 8 --out benchmarks/results/data-<machine>.csv
+
+On a machine with a GPU, DALI decodes with nvJPEG and augments on the GPU; elsewhere it runs CPU-only.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import datetime
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+from fastvit_ssl import runinfo
+from fastvit_ssl.data.augment import moco_v3_views
+from fastvit_ssl.data.dali import DaliViewLoader, dali_available
+from fastvit_ssl.data.folder import scan_image_folder
+from fastvit_ssl.data.torch_pipeline import TorchViewLoader
+
+
+def generate_jpegs(root: Path, count: int, seed: int = 0) -> Path:
+    """Photo-sized JPEGs of smooth random colour fields (what a decoder and a blur cost is about the same)."""
+    rng = np.random.default_rng(seed)
+    folder = root / "generated"
+    folder.mkdir(parents=True, exist_ok=True)
+    for i in range(count):
+        small = rng.integers(0, 256, (12, 16, 3), dtype=np.uint8)
+        Image.fromarray(small).resize((500, 375), Image.BICUBIC).save(folder / f"{i:05d}.jpg", quality=90)
+    return root
+
+
+def images_per_second(loader, batches: int) -> float:
+    loader.start(0)
+    iterator = iter(loader)
+    next(iterator)  # start-up (workers, pipeline build) is not part of the rate
+    start, seen = time.perf_counter(), 0
+    for _, batch in zip(range(batches), iterator):
+        seen += batch.views[0].shape[0]
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+    return seen / (time.perf_counter() - start)
+
+
+def main(argv=None) -> list[dict]:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--root", type=Path, help="an ImageFolder tree; default: generated JPEGs")
+    parser.add_argument("--images", type=int, default=512, help="how many JPEGs to generate")
+    parser.add_argument("--threads", type=int, default=2, help="torch loader workers / DALI threads")
+    parser.add_argument("--batch", type=int, default=64)
+    parser.add_argument("--batches", type=int, default=6)
+    parser.add_argument("--size", type=int, default=224)
+    parser.add_argument("--out", type=Path)
+    args = parser.parse_args(argv)
+    with tempfile.TemporaryDirectory() as tmp:
+        root = args.root or generate_jpegs(Path(tmp), args.images)
+        samples, _ = scan_image_folder(root)
+        views = moco_v3_views(args.size)
+        device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        loaders = {"torch (Pillow)": TorchViewLoader(samples, views, args.batch, 0, 1, 0, args.threads)}
+        if dali_available():
+            name = "DALI (GPU decode)" if device.type == "cuda" else "DALI (CPU only)"
+            loaders[name] = DaliViewLoader(samples, views, args.batch, 0, args.threads, device)
+        rows = [
+            {
+                "backend": name,
+                "images_per_second": round(images_per_second(loader, args.batches), 1),
+                "threads": args.threads,
+                "batch": args.batch,
+                "size": args.size,
+                "views": len(views),
+                "device": runinfo.device_name(device),
+                "commit": runinfo.git_commit(),
+                "date": datetime.date.today().isoformat(),
+            }
+            for name, loader in loaders.items()
+        ]
+    for row in rows:
+        print(
+            f"{row['backend']:<20} {row['images_per_second']:>8.1f} img/s  ({row['threads']} threads, "
+            f"{row['views']} views of {row['size']}^2, {row['device']})"
+        )
+    if args.out:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        with open(args.out, "w", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+            writer.writeheader()
+            writer.writerows(rows)
+    return rows
+
+
+if __name__ == "__main__":
+    main()
