@@ -17,6 +17,7 @@ import triton.language as tl
 from fastvit_ssl.kernels.multi_tensor import address_table, chunk_table, group_by_dtype, triton_dtype
 from fastvit_ssl.optim.lamb import LAMB
 from fastvit_ssl.optim.lars import LARS
+from fastvit_ssl.optim.trust_ratio import Slot
 
 BLOCK = 4096
 
@@ -160,124 +161,104 @@ def _lamb_update_kernel(
 
 
 class _MultiTensorStep:
-    """The tables of one dtype group of a param group, for one step."""
+    """Address tables of a list of slots (parameters, or ZeRO fragments of them) of one dtype, for one step."""
 
-    def __init__(self, params: list[torch.Tensor], state_names: tuple[str, ...], states: dict):
-        self.device = params[0].device
-        self.p_dtype = triton_dtype(params[0].dtype)
+    def __init__(self, slots: list[Slot], state_names: tuple[str, ...]):
+        self.device = slots[0].param.device
+        self.p_dtype = triton_dtype(slots[0].param.dtype)
         self.numels, self.chunk_tensor, self.chunk_start = chunk_table(
-            tuple(p.numel() for p in params), BLOCK, self.device
+            tuple(s.param.numel() for s in slots), BLOCK, self.device
         )
         self.grid = (self.chunk_tensor.numel(),)
-        self.adapt = torch.tensor([p.ndim > 1 for p in params], dtype=torch.int32).to(self.device, non_blocking=True)
-        self.p = address_table(params, self.device)
-        self.g = address_table([p.grad for p in params], self.device)
-        self.state = [address_table([states[p][name] for p in params], self.device) for name in state_names]
-        self.norms = torch.zeros(len(params), 2, dtype=torch.float32, device=self.device)
+        self.adapt = torch.tensor([s.adapt for s in slots], dtype=torch.int32).to(self.device, non_blocking=True)
+        self.p = address_table([s.param for s in slots], self.device)
+        self.g = address_table([s.grad for s in slots], self.device)
+        self.state = [address_table([s.state[name] for s in slots], self.device) for name in state_names]
+        self.norms = torch.zeros(len(slots), 2, dtype=torch.float32, device=self.device)
 
 
-def _dtype_groups(group: dict):
-    """The parameters with a gradient, split by dtype (one launch pair per dtype)."""
-    params = [p for p in group["params"] if p.grad is not None]
-    for p in params:
-        if p.grad.dtype != p.dtype or not p.grad.is_contiguous():
-            raise ValueError(f"fused optimizers need contiguous gradients of the parameter's dtype ({p.dtype})")
-    for _, idx in group_by_dtype(params).items():
-        yield [params[i] for i in idx]
+def _dtype_groups(slots: list[Slot]):
+    """The slots split by parameter dtype: one pair of launches per dtype."""
+    for s in slots:
+        if s.grad.dtype != s.param.dtype or not s.grad.is_contiguous():
+            raise ValueError(f"fused optimizers need contiguous gradients of the parameter's dtype ({s.param.dtype})")
+    for idx in group_by_dtype([s.param for s in slots]).values():
+        yield [slots[i] for i in idx]
 
 
 class FusedLARS(LARS):
-    """LARS with the reference's semantics and state, in two multi-tensor launches per step."""
+    """LARS with the reference's semantics and state (ZeRO fragments included), in two multi-tensor launches per
+    step and dtype."""
 
     @torch.no_grad()
     def step(self, closure=None):
         loss = None if closure is None else closure()
         for group in self.param_groups:
-            for params in _dtype_groups(group):
-                for p in params:
-                    if "mu" not in self.state[p]:
-                        self.state[p]["mu"] = torch.zeros_like(p, dtype=torch.float32)
-                s = _MultiTensorStep(params, ("mu",), self.state)
-                _lars_norms_kernel[s.grid](
-                    s.p,
-                    s.g,
-                    s.adapt,
-                    s.numels,
-                    s.chunk_tensor,
-                    s.chunk_start,
-                    s.norms,
-                    group["weight_decay"],
-                    P_DTYPE=s.p_dtype,
-                    BLOCK=BLOCK,
+            for slots in _dtype_groups(self.slots(group)):
+                t = _MultiTensorStep(slots, ("mu",))
+                table = (t.adapt, t.numels, t.chunk_tensor, t.chunk_start)
+                _lars_norms_kernel[t.grid](
+                    t.p, t.g, *table, t.norms, group["weight_decay"], P_DTYPE=t.p_dtype, BLOCK=BLOCK
                 )
-                _lars_update_kernel[s.grid](
-                    s.p,
-                    s.g,
-                    s.state[0],
-                    s.adapt,
-                    s.numels,
-                    s.chunk_tensor,
-                    s.chunk_start,
-                    s.norms,
+                norms = self.reduce_norms(t.norms, slots).contiguous()
+                _lars_update_kernel[t.grid](
+                    t.p,
+                    t.g,
+                    t.state[0],
+                    *table,
+                    norms,
                     group["lr"],
                     group["weight_decay"],
                     group["momentum"],
                     group["trust_coefficient"],
-                    P_DTYPE=s.p_dtype,
+                    P_DTYPE=t.p_dtype,
                     BLOCK=BLOCK,
                 )
         return loss
 
 
 class FusedLAMB(LAMB):
-    """LAMB with the reference's semantics and state, in two multi-tensor launches per step."""
+    """LAMB with the reference's semantics and state (ZeRO fragments included), in two multi-tensor launches per
+    step and dtype."""
 
     @torch.no_grad()
     def step(self, closure=None):
         loss = None if closure is None else closure()
         for group in self.param_groups:
             beta1, beta2 = group["betas"]
-            for params in _dtype_groups(group):
-                for p in params:
-                    state = self.state[p]
-                    if not state:
-                        state["step"] = torch.zeros((), dtype=torch.float32)
-                        state["exp_avg"] = torch.zeros_like(p, dtype=torch.float32)
-                        state["exp_avg_sq"] = torch.zeros_like(p, dtype=torch.float32)
-                    state["step"] += 1
-                steps = torch.stack([self.state[p]["step"] for p in params]).double()  # CPU tensors: no device sync
-                corrections = torch.stack([1 - beta1**steps, 1 - beta2**steps], dim=1).float().to(params[0].device)
-                s = _MultiTensorStep(params, ("exp_avg", "exp_avg_sq"), self.state)
-                _lamb_moments_kernel[s.grid](
-                    s.p,
-                    s.g,
-                    *s.state,
-                    s.adapt,
-                    s.numels,
-                    s.chunk_tensor,
-                    s.chunk_start,
-                    s.norms,
+            all_slots = self.slots(group)
+            for owner in {id(s.owner): s.owner for s in all_slots}.values():
+                self.state[owner]["step"] += 1
+            for slots in _dtype_groups(all_slots):
+                steps = torch.stack([s.state["step"] for s in slots]).double()  # CPU tensors: no device sync
+                corrections = torch.stack([1 - beta1**steps, 1 - beta2**steps], dim=1).float().to(slots[0].param.device)
+                t = _MultiTensorStep(slots, ("exp_avg", "exp_avg_sq"))
+                table = (t.adapt, t.numels, t.chunk_tensor, t.chunk_start)
+                _lamb_moments_kernel[t.grid](
+                    t.p,
+                    t.g,
+                    *t.state,
+                    *table,
+                    t.norms,
                     corrections,
                     beta1,
                     beta2,
                     group["eps"],
                     group["weight_decay"],
-                    P_DTYPE=s.p_dtype,
+                    P_DTYPE=t.p_dtype,
                     BLOCK=BLOCK,
                 )
-                _lamb_update_kernel[s.grid](
-                    s.p,
-                    *s.state,
-                    s.adapt,
-                    s.numels,
-                    s.chunk_tensor,
-                    s.chunk_start,
-                    s.norms,
+                norms = self.reduce_norms(t.norms, slots).contiguous()
+                _lamb_update_kernel[t.grid](
+                    t.p,
+                    *t.state,
+                    *table,
+                    norms,
                     corrections,
                     group["lr"],
                     group["eps"],
                     group["weight_decay"],
-                    P_DTYPE=s.p_dtype,
+                    P_DTYPE=t.p_dtype,
                     BLOCK=BLOCK,
                 )
         return loss

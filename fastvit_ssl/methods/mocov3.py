@@ -18,6 +18,22 @@ from fastvit_ssl.models.build import build_encoder
 from fastvit_ssl.models.heads import predictor, projector
 
 
+class QueryNetwork(nn.Module):
+    """The trained part: base encoder -> projector -> predictor. Engines that wrap the trained parameters (DDP,
+    DeepSpeed) wrap this module alone; the momentum networks stay outside, in fp32."""
+
+    def __init__(self, encoder: nn.Module, dim: int, mlp_dim: int):
+        super().__init__()
+        self.base_encoder = encoder
+        self.base_projector = projector(encoder.embed_dim, mlp_dim, dim)
+        self.predictor = predictor(dim, mlp_dim)
+
+    def forward(self, x1: torch.Tensor, x2: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """[N, C, H, W] x 2 -> queries q1, q2 [N, dim]; the heads' BN sees each view on its own."""
+        f1, f2 = _encode_views(self.base_encoder, x1, x2)  # (N, D) each
+        return self.predictor(self.base_projector(f1)), self.predictor(self.base_projector(f2))
+
+
 class MoCoV3(nn.Module):
     """Args:
     encoder: the base encoder (a VisionTransformer); a copy becomes the momentum encoder.
@@ -39,37 +55,50 @@ class MoCoV3(nn.Module):
     ):
         super().__init__()
         self.temperature, self.loss_fn, self.ema_fn = temperature, loss_fn, ema_fn
-        self.base_encoder = encoder
-        self.base_projector = projector(encoder.embed_dim, mlp_dim, dim)
-        self.predictor = predictor(dim, mlp_dim)
+        self.online = QueryNetwork(encoder, dim, mlp_dim)
         self.momentum_encoder = copy.deepcopy(self.base_encoder).requires_grad_(False)
         self.momentum_projector = copy.deepcopy(self.base_projector).requires_grad_(False)
-        # Only trained tensors move; frozen ones (patch projection, position table) are equal by construction.
-        pairs = [
-            (b, m)
-            for base, mom in (
-                (self.base_encoder, self.momentum_encoder),
-                (self.base_projector, self.momentum_projector),
-            )
-            for b, m in zip(base.parameters(), mom.parameters())
-            if b.requires_grad
+
+    @property
+    def base_encoder(self) -> nn.Module:
+        return self.online.base_encoder
+
+    @property
+    def base_projector(self) -> nn.Module:
+        return self.online.base_projector
+
+    @property
+    def predictor(self) -> nn.Module:
+        return self.online.predictor
+
+    def ema_pairs(self) -> list[tuple[nn.Parameter, nn.Parameter]]:
+        """(base, momentum) tensor pairs that the EMA moves. Frozen tensors (patch projection, position table) are
+        equal by construction and skipped."""
+        networks = ((self.base_encoder, self.momentum_encoder), (self.base_projector, self.momentum_projector))
+        return [
+            (b, m) for base, mom in networks for b, m in zip(base.parameters(), mom.parameters()) if b.requires_grad
         ]
-        self._ema_pairs = pairs
 
     @torch.no_grad()
     def update_momentum_encoder(self, momentum: float) -> None:
-        self.ema_fn([m for _, m in self._ema_pairs], [b for b, _ in self._ema_pairs], momentum)
+        pairs = self.ema_pairs()
+        self.ema_fn([m for _, m in pairs], [b for b, _ in pairs], momentum)
+
+    @torch.no_grad()
+    def keys(self, x1: torch.Tensor, x2: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Momentum encoder + projector: keys k1, k2 [N, dim], without gradient."""
+        g1, g2 = _encode_views(self.momentum_encoder, x1, x2)
+        return self.momentum_projector(g1), self.momentum_projector(g2)
+
+    def loss(self, q1, q2, k1, k2) -> torch.Tensor:
+        """ctr(q1, k2) + ctr(q2, k1), keys gathered from all ranks."""
+        return self.contrastive(q1, k2) + self.contrastive(q2, k1)
 
     def forward(self, x1: torch.Tensor, x2: torch.Tensor, momentum: float) -> torch.Tensor:
         """x1, x2: [N, C, H, W] two views of the same N images (this rank's share). Returns the scalar loss."""
-        f1, f2 = _encode_views(self.base_encoder, x1, x2)  # (N, D) each
-        q1 = self.predictor(self.base_projector(f1))  # (N, dim); the heads' BN sees each view on its own
-        q2 = self.predictor(self.base_projector(f2))
-        with torch.no_grad():
-            self.update_momentum_encoder(momentum)
-            g1, g2 = _encode_views(self.momentum_encoder, x1, x2)
-            k1, k2 = self.momentum_projector(g1), self.momentum_projector(g2)
-        return self.contrastive(q1, k2) + self.contrastive(q2, k1)
+        q1, q2 = self.online(x1, x2)
+        self.update_momentum_encoder(momentum)  # from the weights of the previous step, as the official code
+        return self.loss(q1, q2, *self.keys(x1, x2))
 
     def contrastive(self, q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
         keys = distributed.all_gather_cat(k)  # (N * world, dim)

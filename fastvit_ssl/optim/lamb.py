@@ -4,14 +4,16 @@ from __future__ import annotations
 
 import torch
 
+from fastvit_ssl.optim.trust_ratio import TrustRatioOptimizer, trust_ratio
 
-class LAMB(torch.optim.Optimizer):
+
+class LAMB(TrustRatioOptimizer):
     """Adam moments with bias correction, then a layer-wise trust ratio.
 
     m = b1 m + (1 - b1) g;  v = b2 v + (1 - b2) g^2;  u = (m / (1 - b1^t)) / (sqrt(v / (1 - b2^t)) + eps).
     For a tensor with ndim > 1: u += wd * p and p -= lr * (||p|| / ||u||) * u (ratio 1 when either norm is 0).
     Tensors with ndim <= 1 take the plain Adam step, without weight decay or trust ratio, as LARS does here.
-    State is fp32 whatever the parameters' dtype.
+    State is fp32 whatever the parameters' dtype. Under ZeRO the norms are those of the whole tensors.
 
     Args:
         params: tensors or param groups.
@@ -31,27 +33,31 @@ class LAMB(torch.optim.Optimizer):
     ):
         super().__init__(params, dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay))
 
+    def init_state(self, owner: torch.Tensor) -> dict[str, torch.Tensor]:
+        return {
+            "step": torch.zeros((), dtype=torch.float32),
+            "exp_avg": torch.zeros_like(owner, dtype=torch.float32),
+            "exp_avg_sq": torch.zeros_like(owner, dtype=torch.float32),
+        }
+
     @torch.no_grad()
     def step(self, closure=None):
         loss = None if closure is None else closure()
         for group in self.param_groups:
             beta1, beta2 = group["betas"]
-            for p in group["params"]:
-                if p.grad is None:
-                    continue
-                grad, state = p.grad.float(), self.state[p]
-                if not state:
-                    state["step"] = torch.zeros((), dtype=torch.float32)
-                    state["exp_avg"] = torch.zeros_like(p, dtype=torch.float32)
-                    state["exp_avg_sq"] = torch.zeros_like(p, dtype=torch.float32)
-                state["step"] += 1
-                t = state["step"].item()
-                exp_avg = state["exp_avg"].lerp_(grad, 1 - beta1)
-                exp_avg_sq = state["exp_avg_sq"].mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
-                update = (exp_avg / (1 - beta1**t)) / ((exp_avg_sq / (1 - beta2**t)).sqrt() + group["eps"])
-                if p.ndim > 1:
-                    update.add_(p.float(), alpha=group["weight_decay"])
-                    p_norm, u_norm = p.float().norm(), update.norm()
-                    update *= torch.where((p_norm > 0) & (u_norm > 0), p_norm / u_norm, 1.0)
-                p.copy_(p.float().add_(update, alpha=-group["lr"]))
+            slots = self.slots(group)
+            for owner in {id(s.owner): s.owner for s in slots}.values():
+                self.state[owner]["step"] += 1
+            updates = []
+            for s in slots:
+                grad, t = s.grad.float(), s.state["step"].item()
+                exp_avg = s.state["exp_avg"].lerp_(grad, 1 - beta1)
+                exp_avg_sq = s.state["exp_avg_sq"].mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
+                u = (exp_avg / (1 - beta1**t)) / ((exp_avg_sq / (1 - beta2**t)).sqrt() + group["eps"])
+                updates.append(u.add_(s.param.float(), alpha=group["weight_decay"]) if s.adapt else u)
+            norms = [torch.stack([s.param.float().square().sum(), u.square().sum()]) for s, u in zip(slots, updates)]
+            norms = self.reduce_norms(torch.stack(norms), slots) if slots else []
+            for s, u, (p_sq, u_sq) in zip(slots, updates, norms):
+                ratio = trust_ratio(p_sq, u_sq, 1.0) if s.adapt else 1.0
+                s.param.copy_(s.param.float().sub_(u * (group["lr"] * ratio)))
         return loss

@@ -4,13 +4,16 @@ from __future__ import annotations
 
 import torch
 
+from fastvit_ssl.optim.trust_ratio import TrustRatioOptimizer, trust_ratio
 
-class LARS(torch.optim.Optimizer):
+
+class LARS(TrustRatioOptimizer):
     """SGD with momentum and a layer-wise trust ratio (You et al. 2017), following MoCo v3's variant.
 
     For a tensor with ndim > 1: u = g + wd * p, scaled by trust_coefficient * ||p|| / ||u|| (by 1 when either norm
     is 0). Tensors with ndim <= 1 (biases, norm scales) get neither weight decay nor the trust ratio. Then
-    mu = momentum * mu + u and p -= lr * mu. State is fp32 whatever the parameters' dtype.
+    mu = momentum * mu + u and p -= lr * mu. State is fp32 whatever the parameters' dtype. Under ZeRO the norms
+    are those of the whole tensors (see trust_ratio.py).
 
     Args:
         params: tensors or param groups.
@@ -32,22 +35,20 @@ class LARS(torch.optim.Optimizer):
             params, dict(lr=lr, weight_decay=weight_decay, momentum=momentum, trust_coefficient=trust_coefficient)
         )
 
+    def init_state(self, owner: torch.Tensor) -> dict[str, torch.Tensor]:
+        return {"mu": torch.zeros_like(owner, dtype=torch.float32)}
+
     @torch.no_grad()
     def step(self, closure=None):
         loss = None if closure is None else closure()
         for group in self.param_groups:
-            for p in group["params"]:
-                if p.grad is None:
-                    continue
-                update = p.grad.float()
-                if p.ndim > 1:
-                    update = update.add(p.float(), alpha=group["weight_decay"])
-                    p_norm, u_norm = p.float().norm(), update.norm()
-                    ratio = torch.where((p_norm > 0) & (u_norm > 0), group["trust_coefficient"] * p_norm / u_norm, 1.0)
-                    update = update * ratio
-                state = self.state[p]
-                if "mu" not in state:
-                    state["mu"] = torch.zeros_like(p, dtype=torch.float32)
-                mu = state["mu"].mul_(group["momentum"]).add_(update)
-                p.copy_(p.float().add_(mu, alpha=-group["lr"]))
+            slots = self.slots(group)
+            updates = [s.grad.float() + (group["weight_decay"] * s.param.float() if s.adapt else 0) for s in slots]
+            norms = [torch.stack([s.param.float().square().sum(), u.square().sum()]) for s, u in zip(slots, updates)]
+            norms = self.reduce_norms(torch.stack(norms), slots) if slots else []
+            for s, u, (p_sq, u_sq) in zip(slots, updates, norms):
+                if s.adapt:
+                    u = u * trust_ratio(p_sq, u_sq, group["trust_coefficient"])
+                mu = s.state["mu"].mul_(group["momentum"]).add_(u)
+                s.param.copy_(s.param.float().add_(mu, alpha=-group["lr"]))
         return loss
