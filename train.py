@@ -19,18 +19,17 @@ from pathlib import Path
 import torch
 
 from fastvit_ssl import checkpoint, distributed, runinfo
-from fastvit_ssl.checkpoint import CheckpointError
+from fastvit_ssl.checkpoint import CheckpointError, IncompatibleCheckpoint
 from fastvit_ssl.config import Config, ConfigError, load
 from fastvit_ssl.data.build import build_eval_data, build_train_data, resolve_root
 from fastvit_ssl.data.folder import DataError
-from fastvit_ssl.engine.local import LocalEngine
+from fastvit_ssl.engine.build import build_engine
 from fastvit_ssl.eval.knn import knn_top1
 from fastvit_ssl.kernels.dispatch import select_ops
 from fastvit_ssl.methods.mocov3 import build_mocov3
 from fastvit_ssl.models.build import build_encoder
 from fastvit_ssl.monitor import Monitor
 from fastvit_ssl.optim import schedules
-from fastvit_ssl.optim.build import build_optimizer
 
 log = logging.getLogger("train")
 DEFAULT_CONFIG = Path(__file__).resolve().parent / "configs" / "demo.yaml"
@@ -60,7 +59,7 @@ def main(argv: list[str] | None = None) -> dict:
     eval_data = build_eval_data(cfg, data_root, classes)
     ops = select_ops(cfg.run.kernels, device)
     model = build_mocov3(cfg, ops).to(device)
-    engine = LocalEngine(model, build_optimizer(cfg.optim, model, ops), device, cfg.run.precision, cfg.optim.clip_grad)
+    engine = build_engine(cfg, model, device, ops)
     start_step = resume(cfg, run_dir, engine)
 
     total_steps = cfg.optim.epochs * loader.batches_per_epoch
@@ -108,7 +107,7 @@ def main(argv: list[str] | None = None) -> dict:
 
 def train_loop(
     cfg: Config,
-    engine: LocalEngine,
+    engine,
     loader,
     monitor: Monitor,
     run_dir: Path,
@@ -156,9 +155,9 @@ def evaluate_knn(cfg: Config, encoder, eval_data, device) -> float:
     return top1
 
 
-def resume(cfg: Config, run_dir: Path, engine: LocalEngine) -> int:
+def resume(cfg: Config, run_dir: Path, engine) -> int:
     """Restore model, optimizer and RNG from a checkpoint; returns the step to continue from."""
-    found = checkpoint.list_checkpoints(run_dir)
+    found = engine.checkpoints(run_dir)
     if cfg.run.resume == "none":
         if found:
             raise CheckpointError(
@@ -169,27 +168,24 @@ def resume(cfg: Config, run_dir: Path, engine: LocalEngine) -> int:
     candidates = list(reversed(found)) if cfg.run.resume == "auto" else [Path(cfg.run.resume)]
     for path in candidates:
         try:
-            state = checkpoint.load(path)
+            state = engine.load(path, cfg.to_dict())
+        except IncompatibleCheckpoint:
+            raise
         except CheckpointError as e:
             if cfg.run.resume != "auto":
                 raise
             log.warning("%s; trying an older checkpoint", e)
             continue
-        checkpoint.check_compatible(state["config"], cfg.to_dict(), path)
-        engine.load_state_dict(state)
         checkpoint.set_rng_state(state["rng"])
         log.info("resumed from %s (step %d)", path, state["step"])
         return state["step"]
     return 0
 
 
-def save_checkpoint(cfg: Config, run_dir: Path, engine: LocalEngine, step: int) -> None:
-    if distributed.is_main():
-        state = {"step": step, "config": cfg.to_dict(), "rng": checkpoint.rng_state(), **engine.state_dict()}
-        path = checkpoint.save(checkpoint.path_for(run_dir, step), state)
-        checkpoint.prune(run_dir, cfg.run.keep_last + 1)
-        log.info("saved %s", path)
-    distributed.barrier()
+def save_checkpoint(cfg: Config, run_dir: Path, engine, step: int) -> None:
+    client_state = {"step": step, "config": cfg.to_dict(), "rng": checkpoint.rng_state()}
+    path = engine.save(run_dir, step, client_state, keep_last=cfg.run.keep_last + 1)
+    log.info("saved %s", path)
 
 
 def pick_device(name: str) -> torch.device:
@@ -208,6 +204,7 @@ def setup_logging() -> None:
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", default=str(DEFAULT_CONFIG), help="override-only YAML (default: the demo)")
+    parser.add_argument("--local_rank", "--local-rank", type=int, help=argparse.SUPPRESS)  # the deepspeed launcher's
     parser.add_argument("overrides", nargs="*", help="dotted overrides, e.g. optim.base_lr=1e-4 data.batch_size=64")
     return parser.parse_args(argv)
 

@@ -20,6 +20,10 @@ class CheckpointError(RuntimeError):
     """A checkpoint cannot be used for this run; the message says why and what to do."""
 
 
+class IncompatibleCheckpoint(CheckpointError):
+    """The checkpoint is readable but was written for another model."""
+
+
 def path_for(run_dir: Path, step: int) -> Path:
     return run_dir / f"ckpt-{step:08d}.pt"
 
@@ -73,7 +77,7 @@ def check_compatible(stored_cfg: dict[str, Any], current_cfg: dict[str, Any], pa
             if stored.get(k) != v
         ]
         if diffs:
-            raise CheckpointError(
+            raise IncompatibleCheckpoint(
                 f"checkpoint {path} was written for another model ({'; '.join(diffs)}). "
                 "Use the checkpoint's settings, or start a new run (another run.name, or resume=none)."
             )

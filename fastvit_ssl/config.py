@@ -29,6 +29,7 @@ class ModelConfig:
     img_size: int = 224
     frozen_patch_embed: bool = True  # MoCo v3's random frozen patch projection ("stop-grad-conv1")
     global_pool: Literal["token", "avg"] = "token"
+    grad_checkpointing: bool = False  # recompute ViT block activations in the backward pass to save memory
 
 
 @dataclass
@@ -72,6 +73,13 @@ class EvalConfig:
 
 
 @dataclass
+class EngineConfig:
+    name: Literal["local", "deepspeed"] = "local"  # deepspeed: ZeRO stages and bf16 through DeepSpeed
+    zero_stage: int = 1  # 0-3, with name=deepspeed
+    timeout_s: float = 600.0  # a collective that waits longer (a rank died) ends the run
+
+
+@dataclass
 class RunConfig:
     out_dir: str = "runs"
     name: str = ""  # run folder is out_dir/name; "" takes the config file's name
@@ -94,6 +102,7 @@ class Config:
     data: DataConfig = field(default_factory=DataConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    engine: EngineConfig = field(default_factory=EngineConfig)
     run: RunConfig = field(default_factory=RunConfig)
 
     def to_dict(self) -> dict[str, Any]:
@@ -211,6 +220,8 @@ def validate(cfg: Config) -> None:
         (cfg.run.log_every > 0, "run.log_every must be positive"),
         (cfg.run.ckpt_every >= 0 and cfg.run.keep_last >= 0, "run.ckpt_every and run.keep_last must be >= 0"),
         (cfg.run.stop_at_step >= 0, "run.stop_at_step must be >= 0"),
+        (cfg.engine.zero_stage in (0, 1, 2, 3), "engine.zero_stage must be 0, 1, 2 or 3"),
+        (cfg.engine.timeout_s > 0, "engine.timeout_s must be positive"),
         (cfg.run.name not in ("", ".", "..") and "/" not in cfg.run.name, "run.name must be a plain folder name"),
     ]
     for ok, message in checks:
@@ -223,3 +234,23 @@ def validate(cfg: Config) -> None:
 
 def save_yaml(cfg: Config, path: Path) -> None:
     path.write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+
+
+def to_deepspeed(cfg: Config, world_size: int) -> dict[str, Any]:
+    """The DeepSpeed JSON config, generated from ours (never kept as a second, hand-edited copy).
+
+    No gradient accumulation: MoCo's negatives are the keys of one forward pass, so accumulating micro-batches would
+    train with fewer negatives than the batch size says; the global batch is one step over all ranks.
+    """
+    ds = {
+        "train_batch_size": cfg.data.batch_size,
+        "train_micro_batch_size_per_gpu": cfg.data.batch_size // world_size,
+        "gradient_accumulation_steps": 1,
+        "bf16": {"enabled": cfg.run.precision == "bf16"},
+        "zero_optimization": {"stage": cfg.engine.zero_stage},
+        "gradient_clipping": cfg.optim.clip_grad,  # always explicit: DeepSpeed's default (1.0) would clip silently
+        "zero_allow_untested_optimizer": True,  # LARS/LAMB: ZeRO-correct through optim/trust_ratio.py
+        "steps_per_print": 2**31 - 1,  # our monitor prints
+        "wall_clock_breakdown": False,
+    }
+    return ds

@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import contextlib
+from pathlib import Path
 
 import torch
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
-from fastvit_ssl import distributed
+from fastvit_ssl import checkpoint, distributed
 
 
 class LocalEngine:
@@ -55,9 +56,25 @@ class LocalEngine:
         self.optimizer.zero_grad(set_to_none=True)
         return {"loss": loss.detach(), "grad_norm": grad_norm.detach()}
 
-    def state_dict(self) -> dict:
-        return {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict()}
+    def checkpoints(self, run_dir: Path) -> list[Path]:
+        """Complete checkpoints in the run folder, oldest first."""
+        return checkpoint.list_checkpoints(run_dir)
 
-    def load_state_dict(self, state: dict) -> None:
+    def save(self, run_dir: Path, step: int, client_state: dict, keep_last: int) -> Path:
+        """Rank 0 writes model (with the momentum networks), optimizer and `client_state` atomically."""
+        path = checkpoint.path_for(run_dir, step)
+        if distributed.is_main():
+            state = {**client_state, "model": self.model.state_dict(), "optimizer": self.optimizer.state_dict()}
+            checkpoint.save(path, state)
+            checkpoint.prune(run_dir, keep_last)
+        distributed.barrier()
+        return path
+
+    def load(self, path: Path, config: dict) -> dict:
+        """Restore model and optimizer from `path` after checking it was written for this model; returns the
+        whole stored state (step, rng, ...)."""
+        state = checkpoint.load(path)
+        checkpoint.check_compatible(state["config"], config, path)
         self.model.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
+        return state

@@ -14,4 +14,5 @@ def build_encoder(cfg: Config, ops: Ops = REFERENCE_OPS) -> VisionTransformer:
         frozen_patch_embed=cfg.model.frozen_patch_embed,
         global_pool=cfg.model.global_pool,
         patch_embed_fn=ops.patch_embed,
+        grad_checkpointing=cfg.model.grad_checkpointing,
     )

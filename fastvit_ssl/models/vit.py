@@ -10,6 +10,7 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+import torch.utils.checkpoint
 from torch import nn
 
 
@@ -138,6 +139,7 @@ class VisionTransformer(nn.Module):
         in_chans: input channels.
         patch_embed_fn: a fused replacement of projection + class token + position embedding with
             fastvit_ssl.kernels.patch_embed's signature, or None for the modules' own computation.
+        grad_checkpointing: recompute each block's activations in the backward pass (less memory, ~30% more time).
     """
 
     def __init__(
@@ -148,6 +150,7 @@ class VisionTransformer(nn.Module):
         global_pool: str = "token",
         in_chans: int = 3,
         patch_embed_fn: Callable | None = None,
+        grad_checkpointing: bool = False,
     ):
         super().__init__()
         spec = ARCH_SPECS[arch]
@@ -165,6 +168,7 @@ class VisionTransformer(nn.Module):
         self.fc_norm = pooled_norm if global_pool == "avg" else nn.Identity()
         # BatchNorm in the conv stem couples the images of a batch; only then must views be encoded separately.
         self.batch_independent = not spec.conv_stem
+        self.grad_checkpointing = grad_checkpointing
         self.patch_embed_fn = patch_embed_fn if isinstance(self.patch_embed, PatchEmbed) else None
         self._init_weights(frozen_patch_embed and not spec.conv_stem)
 
@@ -202,7 +206,13 @@ class VisionTransformer(nn.Module):
 
     def forward_tokens(self, images: torch.Tensor) -> torch.Tensor:
         """[B, C, H, W] -> [B, 1 + L, D] after all blocks (and the final norm for token pooling)."""
-        return self.norm(self.blocks(self.embed_tokens(images)))
+        x = self.embed_tokens(images)
+        for block in self.blocks:
+            if self.grad_checkpointing and torch.is_grad_enabled():  # keep block inputs only; recompute in backward
+                x = torch.utils.checkpoint.checkpoint(block, x, use_reentrant=False)
+            else:
+                x = block(x)
+        return self.norm(x)
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         x = self.forward_tokens(images)

@@ -1,0 +1,140 @@
+"""The DeepSpeed engine: ZeRO stage 0-3 and bf16 through `deepspeed.initialize`, the same interface as LocalEngine.
+
+DeepSpeed wraps only the trained QueryNetwork (base encoder, projector, predictor). The momentum encoder and
+projector stay outside, as an fp32 replica on every rank: in bf16 storage an EMA with m -> 1 would lose its
+updates (1 - m is below bf16's resolution), and the key forward pass needs all their weights anyway. After every
+step they move towards the engine's current base weights:
+- ZeRO 0/1/2: the base weights are whole on every rank; the EMA reads them directly.
+- ZeRO-3: the base weights are partitioned; they are gathered one transformer block at a time
+  (deepspeed.zero.GatheredParameters) for the EMA, so the transient cost is one block's weights.
+Memory cost of the replica: 4 bytes per momentum parameter on every GPU (ViT-L 1.3 GB, ViT-H 2.6 GB with projector).
+
+LARS and LAMB see ZeRO's flat partitions; `zero_layout` tells them which fragment of which original tensor each
+partition holds, so their trust ratios are per tensor (optim/trust_ratio.py). AdamW needs no layout.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+from collections import defaultdict
+from pathlib import Path
+
+import torch
+
+from fastvit_ssl import checkpoint, distributed
+from fastvit_ssl.config import Config, to_deepspeed
+from fastvit_ssl.kernels.dispatch import Ops
+from fastvit_ssl.methods.mocov3 import MoCoV3
+from fastvit_ssl.optim.build import build_optimizer
+from fastvit_ssl.optim.trust_ratio import Fragment, TrustRatioOptimizer
+
+log = logging.getLogger(__name__)
+META = "fastvit_ssl.json"  # written last into each checkpoint folder: its presence marks the checkpoint complete
+
+
+class DeepSpeedEngine:
+    """Args:
+    model: the MoCoV3 module on `device` (fp32); its QueryNetwork is handed to DeepSpeed.
+    cfg: the run's config (engine.zero_stage, run.precision, optim.*).
+    device: this rank's device.
+    ops: fused or reference kernels (LARS/LAMB class, EMA).
+    """
+
+    def __init__(self, model: MoCoV3, cfg: Config, device: torch.device, ops: Ops):
+        import deepspeed
+
+        self.model, self.device, self.stage = model, device, cfg.engine.zero_stage
+        self.dtype = torch.bfloat16 if cfg.run.precision == "bf16" else torch.float32
+        client_optimizer = build_optimizer(cfg.optim, model.online, ops)
+        self.ds, self.optimizer, _, _ = deepspeed.initialize(
+            model=model.online, optimizer=client_optimizer, config=to_deepspeed(cfg, distributed.world_size())
+        )
+        if isinstance(client_optimizer, TrustRatioOptimizer) and self.optimizer is not client_optimizer:
+            params = list(model.online.parameters())
+            client_optimizer.partition_like_zero(zero_layout(self.optimizer, params), len(params))
+
+    def step(self, views: list[torch.Tensor], lr: float, momentum: float) -> dict[str, torch.Tensor]:
+        """One training iteration on this rank's share of the global batch. Returns detached metrics."""
+        x1, x2 = (v.to(self.device, non_blocking=True) for v in views[:2])
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        q1, q2 = self.ds(x1.to(self.dtype), x2.to(self.dtype))
+        self.update_momentum_encoder(momentum)  # from the weights of the previous step, as the official code
+        loss = self.model.loss(q1.float(), q2.float(), *self.model.keys(x1, x2))
+        self.ds.backward(loss)
+        self.ds.step()
+        grad_norm = self.ds.get_global_grad_norm()
+        return {"loss": loss.detach(), "grad_norm": torch.as_tensor(float("nan") if grad_norm is None else grad_norm)}
+
+    @torch.no_grad()
+    def update_momentum_encoder(self, momentum: float) -> None:
+        if self.stage < 3:
+            self.model.update_momentum_encoder(momentum)
+            return
+        import deepspeed
+
+        for pairs in _by_block(self.model):
+            with deepspeed.zero.GatheredParameters([b for _, b, _ in pairs], modifier_rank=None):
+                self.model.ema_fn([m for _, _, m in pairs], [b for _, b, _ in pairs], momentum)
+
+    def checkpoints(self, run_dir: Path) -> list[Path]:
+        """Complete DeepSpeed checkpoint folders, oldest first."""
+        root = run_dir / "deepspeed"
+        return sorted(p for p in root.glob("step*") if (p / META).is_file()) if root.is_dir() else []
+
+    def save(self, run_dir: Path, step: int, client_state: dict, keep_last: int) -> Path:
+        """All ranks write their ZeRO shards; rank 0 adds the momentum networks and, last, the meta file."""
+        root, tag = run_dir / "deepspeed", f"step{step:08d}"
+        momentum = {k: v for k, v in self.model.state_dict().items() if k.startswith("momentum_")}
+        self.ds.save_checkpoint(str(root), tag=tag, client_state={**client_state, "momentum": momentum})
+        if distributed.is_main():
+            (root / tag / META).write_text(json.dumps({"step": step, "config": client_state["config"]}))
+            for old in self.checkpoints(run_dir)[: -keep_last or None]:
+                shutil.rmtree(old, ignore_errors=True)
+        distributed.barrier()
+        return root / tag
+
+    def load(self, path: Path, config: dict) -> dict:
+        meta = json.loads((path / META).read_text())
+        checkpoint.check_compatible(meta["config"], config, path)
+        _, client_state = self.ds.load_checkpoint(str(path.parent), tag=path.name)
+        if client_state is None:
+            raise checkpoint.CheckpointError(f"DeepSpeed could not load {path}")
+        self.model.load_state_dict(client_state.pop("momentum"), strict=False)
+        return client_state
+
+
+def zero_layout(zero_optimizer, params: list[torch.Tensor]) -> dict[int, list[Fragment]]:
+    """{id(flat fp32 partition): fragments of the original tensors it holds on this rank}."""
+    key = {id(p): i for i, p in enumerate(params)}
+    layout: dict[int, list[Fragment]] = defaultdict(list)
+    if hasattr(zero_optimizer, "fp32_partitioned_groups_flat"):  # ZeRO-3: every tensor is split over all ranks
+        for flat, group in zip(zero_optimizer.fp32_partitioned_groups_flat, zero_optimizer.fp16_groups):
+            start = 0
+            for p in group:
+                layout[id(flat)].append(Fragment(key[id(p)], start, p.partition_numel(), len(p.ds_shape) > 1))
+                start += p.partition_numel()
+        return dict(layout)
+    # ZeRO-1/2 and DeepSpeed's bf16 optimizer: each bit16 tensor knows its fragment of the fp32 partition
+    flats = getattr(zero_optimizer, "single_partition_of_fp32_groups", None)
+    groups = getattr(zero_optimizer, "bit16_groups", None)
+    if flats is None:
+        flats, groups = zero_optimizer.fp32_groups_flat_partition, zero_optimizer.bf16_groups
+    for flat, group in zip(flats, groups):
+        for p in group:
+            if getattr(p, "_hp_mapping", None) is not None:
+                address = p._hp_mapping.get_hp_fragment_address()
+                layout[id(flat)].append(Fragment(key[id(p)], address.start, address.numel, p.ndim > 1))
+    return dict(layout)
+
+
+def _by_block(model: MoCoV3):
+    """(name, base, momentum) EMA pairs grouped by transformer block (and one group for everything else)."""
+    groups = defaultdict(list)
+    names = {id(p): n for n, p in model.named_parameters()}
+    for base, mom in model.ema_pairs():
+        parts = names[id(base)].split(".")
+        groups[".".join(parts[:4]) if "blocks" in parts else "rest"].append((names[id(base)], base, mom))
+    return list(groups.values())

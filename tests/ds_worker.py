@@ -1,0 +1,95 @@
+"""Run by tests/test_deepspeed.py: a few MoCo v3 steps on a fixed global batch with the DeepSpeed engine under
+torchrun (gloo, CPU), or with the local engine in one process as the reference. Rank 0 saves, per experiment,
+the losses and the full fp32 weights of the trained network.
+
+    python -m torch.distributed.run --nproc_per_node 2 tests/ds_worker.py OUT.pt deepspeed
+    python tests/ds_worker.py OUT.pt local
+"""
+
+import sys
+from pathlib import Path
+
+import torch
+
+from fastvit_ssl import distributed
+from fastvit_ssl.config import load
+from fastvit_ssl.engine.local import LocalEngine
+from fastvit_ssl.kernels.dispatch import REFERENCE_OPS
+from fastvit_ssl.methods.mocov3 import build_mocov3
+from fastvit_ssl.optim.build import build_optimizer
+
+STEPS = 4
+LR = {"adamw": 2e-3, "lars": 0.3, "lamb": 5e-3}
+BASE = [
+    "model.arch=vit_demo",
+    "model.img_size=14",
+    "moco.dim=16",
+    "moco.mlp_dim=32",
+    "data.batch_size=8",
+    "model.frozen_patch_embed=false",
+]
+
+
+def views(step: int) -> list[torch.Tensor]:
+    """This rank's share of the global batch of step `step`: 8 fixed images, two noisy views each."""
+    images = torch.randn(8, 3, 14, 14, generator=torch.Generator().manual_seed(100))
+    noisy = images + 0.3 * torch.randn(2, 8, 3, 14, 14, generator=torch.Generator().manual_seed(step))
+    n = 8 // distributed.world_size()
+    return list(noisy[:, distributed.rank() * n : (distributed.rank() + 1) * n])
+
+
+def full_weights(engine) -> dict[str, torch.Tensor]:
+    """The trained tensors, whole and in fp32 (gathered from ZeRO's partitions)."""
+    trained = [(k, p) for k, p in engine.model.online.named_parameters() if p.requires_grad]
+    if isinstance(engine, LocalEngine) or engine.stage == 0:
+        return {k: p.detach().float().clone() for k, p in trained}
+    from deepspeed.utils import safe_get_full_fp32_param
+
+    return {k: safe_get_full_fp32_param(p).detach().clone() for k, p in trained}
+
+
+def make_engine(kind: str, optimizer: str, stage: int, layout: bool = True):
+    cfg = load(None, [*BASE, f"optim.name={optimizer}", f"engine.name={kind}", f"engine.zero_stage={stage}"])
+    torch.manual_seed(0)
+    model = build_mocov3(cfg)
+    if kind == "local":
+        return LocalEngine(model, build_optimizer(cfg.optim, model), torch.device("cpu")), cfg
+    from fastvit_ssl.engine.deepspeed_engine import DeepSpeedEngine
+
+    engine = DeepSpeedEngine(model, cfg, torch.device("cpu"), REFERENCE_OPS)
+    if not layout:  # what a plain LARS/LAMB does under ZeRO: one "tensor" per flat shard
+        engine.optimizer.optimizer.zero_layout = None
+    return engine, cfg
+
+
+def train(engine, optimizer: str, steps=range(STEPS)) -> list[float]:
+    return [engine.step(views(s), LR[optimizer], momentum=0.99)["loss"].item() for s in steps]
+
+
+def experiments(kind: str, tmp: Path) -> dict:
+    results = {}
+    runs = [("adamw", 0), ("adamw", 1), ("adamw", 2), ("adamw", 3), ("lars", 2), ("lamb", 2), ("lars", 3)]
+    for optimizer, stage in runs if kind == "deepspeed" else [("lars", 0), ("lamb", 0), ("adamw", 0)]:
+        engine, _ = make_engine(kind, optimizer, stage)
+        results[f"{optimizer}-zero{stage}"] = {"losses": train(engine, optimizer), "weights": full_weights(engine)}
+    if kind == "deepspeed":
+        engine, _ = make_engine(kind, "lars", 2, layout=False)
+        results["lars-zero2-per-shard"] = {"losses": train(engine, "lars"), "weights": full_weights(engine)}
+        engine, cfg = make_engine(kind, "lars", 2)  # save after 2 steps, load into a fresh engine, continue
+        first = train(engine, "lars", range(2))
+        path = engine.save(tmp, 2, {"step": 2, "config": cfg.to_dict(), "rng": {}}, keep_last=2)
+        resumed, _ = make_engine(kind, "lars", 2)
+        resumed.load(path, cfg.to_dict())
+        results["lars-zero2-resumed"] = {
+            "losses": first + train(resumed, "lars", range(2, STEPS)),
+            "weights": full_weights(resumed),
+        }
+    return results
+
+
+if __name__ == "__main__":
+    out, kind = Path(sys.argv[1]), sys.argv[2]
+    distributed.init_from_env(torch.device("cpu"))
+    results = experiments(kind, out.parent / f"checkpoints-{kind}")
+    if distributed.is_main():
+        torch.save(results, out)
