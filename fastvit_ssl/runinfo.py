@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import platform
 import subprocess
 import sys
@@ -17,15 +18,17 @@ LIBRARIES = ("torch", "triton", "numpy", "pillow", "nvidia-dali-cuda130", "nvidi
 
 
 def git_commit() -> str:
-    """The commit of the source tree this code runs from ("+dirty" with uncommitted changes), or "unknown"."""
+    """The commit of the source tree this code runs from ("+dirty" with uncommitted changes); in a Docker image,
+    which holds no .git, the commit it was built from (FASTVIT_SSL_COMMIT); else "unknown"."""
     here = Path(__file__).resolve().parent
+    fallback = os.environ.get("FASTVIT_SSL_COMMIT", "unknown")
     try:
         commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=here, capture_output=True, text=True, timeout=10)
         dirty = subprocess.run(["git", "status", "--porcelain"], cwd=here, capture_output=True, text=True, timeout=10)
     except (OSError, subprocess.SubprocessError):
-        return "unknown"
+        return fallback
     if commit.returncode:
-        return "unknown"
+        return fallback
     return commit.stdout.strip() + ("+dirty" if dirty.stdout.strip() else "")
 
 

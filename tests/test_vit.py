@@ -78,13 +78,12 @@ def test_images_are_encoded_independently():
     model = VisionTransformer("vit_demo", 14).eval()
     x = torch.randn(4, 3, 14, 14)
     torch.testing.assert_close(model(x)[1:2], model(x[1:2]), rtol=1e-5, atol=1e-5)
-    assert model.batch_independent
 
 
 def test_conv_stem():
     model = VisionTransformer("vit_conv_small", 32)
     assert model(torch.randn(2, 3, 32, 32)).shape == (2, 384)
-    assert len(model.blocks) == 11 and not model.batch_independent
+    assert len(model.blocks) == 11
 
 
 def test_wrong_image_size_is_a_clear_error():

@@ -1,4 +1,7 @@
-"""Weighted k-nearest-neighbour classification on frozen features (Wu et al. 2018), the usual SSL monitor."""
+"""Weighted k-nearest-neighbour classification on frozen features (Wu et al. 2018), the usual SSL monitor.
+
+python -m fastvit_ssl.eval.knn --checkpoint runs/demo [--data ROOT] [--k 20] [--temperature 0.07]
+"""
 
 from __future__ import annotations
 
@@ -9,13 +12,16 @@ from torch.utils.data import DataLoader
 
 
 @torch.no_grad()
-def extract_features(encoder: nn.Module, loader: DataLoader, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    """L2-normalised encoder features [N, D] and labels [N], in eval mode."""
+def extract_features(
+    encoder: nn.Module, loader: DataLoader, device: torch.device, normalize: bool = True
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Encoder features [N, D] (L2-normalised unless normalize=False) and labels [N], in eval mode."""
     was_training = encoder.training
     encoder.eval()
     feats, labels = [], []
     for images, y in loader:
-        feats.append(F.normalize(encoder(images.to(device)).float(), dim=1).cpu())
+        f = encoder(images.to(device)).float()
+        feats.append((F.normalize(f, dim=1) if normalize else f).cpu())
         labels.append(y)
     encoder.train(was_training)
     return torch.cat(feats), torch.cat(labels)
@@ -56,3 +62,36 @@ def knn_top1(
     num_classes = int(max(train_y.max(), val_y.max())) + 1
     pred = knn_predict(train_f, train_y, val_f, k, temperature, num_classes).argmax(dim=1)
     return 100.0 * (pred == val_y).float().mean().item()
+
+
+def main(argv: list[str] | None = None) -> dict:
+    import argparse
+    import json
+    import time
+    from pathlib import Path
+
+    from fastvit_ssl.data.build import build_eval_data, resolve_root
+    from fastvit_ssl.data.folder import scan_image_folder
+    from fastvit_ssl.eval.encoder import load_encoder
+
+    parser = argparse.ArgumentParser(description="Weighted kNN top-1 of a checkpoint's encoder.")
+    parser.add_argument("--checkpoint", type=Path, required=True, help="checkpoint, run or DeepSpeed folder")
+    parser.add_argument("--data", type=Path, help="folder with train/ and val/ (default: the run's data)")
+    parser.add_argument("--k", type=int, default=20)
+    parser.add_argument("--temperature", type=float, default=0.07)
+    args = parser.parse_args(argv)
+    started = time.perf_counter()
+    encoder, cfg = load_encoder(args.checkpoint)
+    root = args.data or resolve_root(cfg)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    eval_data = build_eval_data(cfg, root, scan_image_folder(root / "train")[1])
+    result = {
+        "knn_top1": knn_top1(encoder.to(device), *eval_data, device, args.k, args.temperature),
+        "wall_seconds": round(time.perf_counter() - started, 1),
+    }
+    print(json.dumps(result))
+    return result
+
+
+if __name__ == "__main__":
+    main()

@@ -30,7 +30,7 @@ class QueryNetwork(nn.Module):
 
     def forward(self, x1: torch.Tensor, x2: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """[N, C, H, W] x 2 -> queries q1, q2 [N, dim]; the heads' BN sees each view on its own."""
-        f1, f2 = _encode_views(self.base_encoder, x1, x2)  # (N, D) each
+        f1, f2 = self.base_encoder(x1), self.base_encoder(x2)  # (N, D) each
         return self.predictor(self.base_projector(f1)), self.predictor(self.base_projector(f2))
 
 
@@ -87,7 +87,7 @@ class MoCoV3(nn.Module):
     @torch.no_grad()
     def keys(self, x1: torch.Tensor, x2: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Momentum encoder + projector: keys k1, k2 [N, dim], without gradient."""
-        g1, g2 = _encode_views(self.momentum_encoder, x1, x2)
+        g1, g2 = self.momentum_encoder(x1), self.momentum_encoder(x2)
         return self.momentum_projector(g1), self.momentum_projector(g2)
 
     def loss(self, q1, q2, k1, k2) -> torch.Tensor:
@@ -103,13 +103,6 @@ class MoCoV3(nn.Module):
     def contrastive(self, q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
         keys = distributed.all_gather_cat(k)  # (N * world, dim)
         return self.loss_fn(q, keys, self.temperature, label_offset=q.shape[0] * distributed.rank())
-
-
-def _encode_views(encoder: nn.Module, x1: torch.Tensor, x2: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Both views in one batched pass when the encoder treats images independently (LayerNorm-only ViT)."""
-    if getattr(encoder, "batch_independent", False):
-        return encoder(torch.cat([x1, x2])).chunk(2)
-    return encoder(x1), encoder(x2)
 
 
 def build_mocov3(cfg: Config, ops: Ops = REFERENCE_OPS) -> MoCoV3:

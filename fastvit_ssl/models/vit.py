@@ -115,17 +115,26 @@ class Mlp(nn.Module):
         return self.fc2(self.act(self.fc1(x)))
 
 
+def drop_path(x: torch.Tensor, rate: float, training: bool) -> torch.Tensor:
+    """Stochastic depth: zero the residual branch of whole samples with probability `rate`, rescale the rest."""
+    if rate == 0.0 or not training:
+        return x
+    keep = torch.rand(x.shape[0], *([1] * (x.ndim - 1)), device=x.device) >= rate  # (B, 1, 1)
+    return x * keep.to(x.dtype) / (1.0 - rate)
+
+
 class Block(nn.Module):
-    def __init__(self, dim: int, num_heads: int, mlp_ratio: float = 4.0):
+    def __init__(self, dim: int, num_heads: int, mlp_ratio: float = 4.0, drop_path_rate: float = 0.0):
         super().__init__()
         self.norm1 = nn.LayerNorm(dim, eps=1e-6)
         self.attn = Attention(dim, num_heads)
         self.norm2 = nn.LayerNorm(dim, eps=1e-6)
         self.mlp = Mlp(dim, int(dim * mlp_ratio))
+        self.drop_path_rate = drop_path_rate  # fine-tuning only; MoCo v3 pre-trains without
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = x + self.attn(self.norm1(x))
-        return x + self.mlp(self.norm2(x))
+        x = x + drop_path(self.attn(self.norm1(x)), self.drop_path_rate, self.training)
+        return x + drop_path(self.mlp(self.norm2(x)), self.drop_path_rate, self.training)
 
 
 class VisionTransformer(nn.Module):
@@ -140,6 +149,7 @@ class VisionTransformer(nn.Module):
         patch_embed_fn: a fused replacement of projection + class token + position embedding with
             fastvit_ssl.kernels.patch_embed's signature, or None for the modules' own computation.
         grad_checkpointing: recompute each block's activations in the backward pass (less memory, ~30% more time).
+        drop_path_rate: stochastic depth of the last block (linearly less before it), for fine-tuning.
     """
 
     def __init__(
@@ -151,6 +161,7 @@ class VisionTransformer(nn.Module):
         in_chans: int = 3,
         patch_embed_fn: Callable | None = None,
         grad_checkpointing: bool = False,
+        drop_path_rate: float = 0.0,
     ):
         super().__init__()
         spec = ARCH_SPECS[arch]
@@ -162,12 +173,11 @@ class VisionTransformer(nn.Module):
         self.cls_token = nn.Parameter(torch.zeros(1, 1, spec.embed_dim))
         grid = img_size // spec.patch_size
         self.pos_embed = nn.Parameter(sincos_pos_embed(grid, spec.embed_dim), requires_grad=False)
-        self.blocks = nn.Sequential(*[Block(spec.embed_dim, spec.num_heads) for _ in range(spec.depth)])
+        rates = [drop_path_rate * i / max(spec.depth - 1, 1) for i in range(spec.depth)]  # deeper: dropped more
+        self.blocks = nn.Sequential(*[Block(spec.embed_dim, spec.num_heads, drop_path_rate=r) for r in rates])
         pooled_norm = nn.LayerNorm(spec.embed_dim, eps=1e-6)
         self.norm = pooled_norm if global_pool == "token" else nn.Identity()
         self.fc_norm = pooled_norm if global_pool == "avg" else nn.Identity()
-        # BatchNorm in the conv stem couples the images of a batch; only then must views be encoded separately.
-        self.batch_independent = not spec.conv_stem
         self.grad_checkpointing = grad_checkpointing
         self.patch_embed_fn = patch_embed_fn if isinstance(self.patch_embed, PatchEmbed) else None
         self._init_weights(frozen_patch_embed and not spec.conv_stem)

@@ -1,0 +1,336 @@
+"""End-to-end MoCo v3 training throughput: images/s, step time, model TFLOP/s and MFU, peak memory and a per-phase
+breakdown, for our path and for `--baseline`, the way the official MoCo v3 code trains.
+
+    python benchmarks/throughput.py --arch vit_small --batch 32                    # our path
+    python benchmarks/throughput.py --arch vit_small --batch 32 --baseline         # the official code's way
+    python benchmarks/throughput.py --compare --arch vit_demo --img-size 28        # both, and their ratio
+    python benchmarks/throughput.py --suite --out benchmarks/results/throughput-h100.csv   # GPU: ViT-S/B/L x both
+
+Ours: fused Triton kernels (CUDA), multi-tensor EMA, bf16 autocast, fused AdamW. Baseline (moco-v3/main_moco.py +
+builder.py): fp16 autocast with GradScaler, a per-parameter EMA loop, the materialised N x M logits, conv patch
+embedding, torch's default AdamW. Both encode each view in its own pass, as the paper's method does.
+Attention is torch's SDPA in both (what timm uses); --attention picks its backend.
+
+FLOPs of one step, counted analytically (multiply-adds x 2), for B images, two views, T tokens, width D, depth L,
+MLP heads of widths (D -> H -> H -> d) and (d -> H -> d), N local and M gathered keys:
+    encoder forward per view  F = B (L (24 T D^2 + 4 T^2 D) + 2 T C P^2 D)     (qkv, proj, 4x MLP; QK^T, AV; patches)
+    heads forward per view    G = 2 B (D H + H H + H d) + 2 B (d H + H d)        (projector + predictor)
+    step = 2 views x [3 (F + G) (base fwd + bwd) + (F + G_projector) (momentum fwd)] + 2 x 3 x 2 N M d (loss)
+MFU = model FLOP/s / peak FLOP/s, the peak taken from a large matrix product measured on the same device (bf16 on
+CUDA, fp32 on CPU), not a datasheet.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import csv
+import datetime
+import json
+import statistics
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch.nn.attention import SDPBackend, sdpa_kernel
+
+from fastvit_ssl import runinfo
+from fastvit_ssl.config import load
+from fastvit_ssl.data.build import build_train_data
+from fastvit_ssl.kernels.dispatch import REFERENCE_OPS, select_ops
+from fastvit_ssl.methods.mocov3 import build_mocov3
+from fastvit_ssl.models.vit import ARCH_SPECS
+from fastvit_ssl.optim.build import build_optimizer
+
+ATTENTION = {
+    "default": None,
+    "math": SDPBackend.MATH,
+    "flash": SDPBackend.FLASH_ATTENTION,
+    "efficient": SDPBackend.EFFICIENT_ATTENTION,
+    "cudnn": SDPBackend.CUDNN_ATTENTION,
+}
+PHASES = ("data", "forward", "ema", "momentum forward", "loss", "backward", "optimizer")
+
+
+@dataclass
+class Setup:
+    arch: str
+    batch: int
+    img_size: int
+    precision: str  # fp32 | bf16 | fp16 (AMP with GradScaler)
+    kernels: str  # fused | reference
+    attention: str
+    baseline: bool
+    data: Path | None = None  # an ImageFolder root (with train/); None: synthetic tensors on the device
+    backend: str = "auto"
+
+
+def step_flops(cfg, batch: int, keys: int) -> float:
+    """Model FLOPs of one MoCo v3 step (the formula in the module docstring)."""
+    spec = ARCH_SPECS[cfg.model.arch]
+    T, D, L, P = (cfg.model.img_size // spec.patch_size) ** 2 + 1, spec.embed_dim, spec.depth, spec.patch_size
+    H, d = cfg.moco.mlp_dim, cfg.moco.dim
+    encoder = batch * (L * (24 * T * D * D + 4 * T * T * D) + 2 * (T - 1) * 3 * P * P * D)
+    projector = 2 * batch * (D * H + H * H + H * d)
+    predictor = 2 * batch * (d * H + H * d)
+    per_view = 3 * (encoder + projector + predictor) + encoder + projector
+    return 2 * per_view + 2 * 3 * 2 * batch * keys * d
+
+
+def measured_peak_tflops(device: torch.device) -> float:
+    """Best TFLOP/s of a large matrix product on this device: bf16 8192^3 on CUDA, fp32 3072^3 on CPU."""
+    n, dtype = (8192, torch.bfloat16) if device.type == "cuda" else (3072, torch.float32)
+    a, b = torch.randn(n, n, device=device, dtype=dtype), torch.randn(n, n, device=device, dtype=dtype)
+    a @ b
+    best = float("inf")
+    for _ in range(10 if device.type == "cuda" else 4):
+        sync(device)
+        start = time.perf_counter()
+        a @ b
+        sync(device)
+        best = min(best, time.perf_counter() - start)
+    return 2 * n**3 / best / 1e12
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+class Trainer:
+    """One training step of MoCo v3, optionally split into timed phases (the local engine's step, opened up)."""
+
+    def __init__(self, setup: Setup, device: torch.device):
+        overrides = [f"model.arch={setup.arch}", f"model.img_size={setup.img_size}", f"data.batch_size={setup.batch}"]
+        if setup.arch == "vit_demo":
+            overrides += ["moco.dim=128", "moco.mlp_dim=1024"]
+        if setup.data is not None:
+            overrides += [f"data.root={setup.data}", f"data.backend={setup.backend}", "data.num_workers=4"]
+        self.cfg = load(None, overrides)
+        self.setup, self.device = setup, device
+        ops = REFERENCE_OPS if setup.baseline else select_ops(setup.kernels, device)
+        self.fused = ops.fused
+        torch.manual_seed(0)
+        self.model = build_mocov3(self.cfg, ops).to(device)
+        self.optimizer = build_optimizer(self.cfg.optim, self.model, ops)
+        if setup.baseline:
+            self.optimizer = torch.optim.AdamW(
+                [p for p in self.model.parameters() if p.requires_grad], lr=1e-4, weight_decay=0.1
+            )
+        dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(setup.precision)
+        self.autocast = torch.autocast(device.type, dtype=dtype) if dtype else contextlib.nullcontext()
+        self.scaler = torch.amp.GradScaler(device.type) if setup.precision == "fp16" else None
+        self.views = [torch.randn(setup.batch, 3, setup.img_size, setup.img_size, device=device) for _ in range(2)]
+        self.batches = self.real_batches() if setup.data is not None else None
+        self.attention = ATTENTION[setup.attention]
+        for group in self.optimizer.param_groups:
+            group["lr"] = 1e-4
+
+    def real_batches(self):
+        """Endless batches of the configured pipeline (torch or DALI) over the folder."""
+        loader, _ = build_train_data(self.cfg, Path(self.cfg.data.root), self.device)
+        epoch = 0
+        while True:
+            loader.start(epoch)
+            yield from loader
+            epoch += 1
+
+    def ema(self) -> None:
+        if self.setup.baseline:
+            pairs = self.model.ema_pairs()
+            with torch.no_grad():
+                for b, m in pairs:
+                    m.data = m.data * 0.99 + b.data * (1.0 - 0.99)
+        else:
+            self.model.update_momentum_encoder(0.99)
+
+    def step(self, mark=lambda phase: None) -> None:
+        """Forward (queries), EMA, momentum forward (keys), loss, backward, optimizer; `mark` ends each phase."""
+        if self.batches is None:
+            x1, x2 = (v.clone() for v in self.views)  # stands for the host-to-device copy of real batches
+        else:
+            x1, x2 = (v.to(self.device, non_blocking=True) for v in next(self.batches).views[:2])
+        mark("data")
+        backend = sdpa_kernel(self.attention) if self.attention is not None else contextlib.nullcontext()
+        with self.autocast, backend:
+            q1, q2 = self.model.online(x1, x2)
+            mark("forward")
+            self.ema()
+            mark("ema")
+            keys = self.model.keys(x1, x2)
+            mark("momentum forward")
+            loss = self.model.loss(q1, q2, *keys)
+            mark("loss")
+        if self.scaler is not None:
+            self.scaler.scale(loss).backward()
+            mark("backward")
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+        else:
+            loss.backward()
+            mark("backward")
+            self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        mark("optimizer")
+
+    def phase_times(self, reps: int) -> dict[str, float]:
+        """Median milliseconds of each phase (synchronising at every boundary, so their sum exceeds a step)."""
+        samples = {p: [] for p in PHASES}
+        clock = [0.0]
+
+        def mark(phase: str) -> None:
+            sync(self.device)
+            now = time.perf_counter()
+            samples[phase].append((now - clock[0]) * 1e3)
+            clock[0] = now
+
+        for _ in range(reps):
+            sync(self.device)
+            clock[0] = time.perf_counter()
+            self.step(mark)
+        return {p: round(statistics.median(v), 3) for p, v in samples.items()}
+
+
+def step_seconds(trainer: Trainer) -> float:
+    sync(trainer.device)
+    start = time.perf_counter()
+    trainer.step()
+    sync(trainer.device)
+    return time.perf_counter() - start
+
+
+def run(setups: list[Setup], device: torch.device, steps: int, peak: float) -> list[dict]:
+    """Time the setups' steps interleaved (A B A B ...), so that drifts of the machine hit them alike."""
+    trainers = [Trainer(setup, device) for setup in setups]
+    for trainer in trainers:
+        for _ in range(2):  # warm-up: kernel compilation, allocator
+            trainer.step()
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    times = [[] for _ in trainers]
+    for _ in range(steps):
+        for t, trainer in zip(times, trainers):
+            t.append(step_seconds(trainer))
+    return [row(trainer, t, peak, max(2, steps // 2)) for trainer, t in zip(trainers, times)]
+
+
+def row(trainer: Trainer, times: list[float], peak: float, phase_reps: int) -> dict:
+    setup, median = trainer.setup, statistics.median(times)
+    flops = step_flops(trainer.cfg, setup.batch, keys=setup.batch)
+    cuda = trainer.device.type == "cuda"
+    return {
+        "mode": "baseline" if setup.baseline else "ours",
+        "arch": setup.arch,
+        "batch": setup.batch,
+        "img_size": setup.img_size,
+        "precision": setup.precision,
+        "kernels": "fused" if trainer.fused else "reference",
+        "attention": setup.attention,
+        "data": str(setup.data) if setup.data else "synthetic",
+        "images_per_second": round(setup.batch / median, 1),
+        "step_ms": round(median * 1e3, 2),
+        "step_ms_min": round(min(times) * 1e3, 2),
+        "step_ms_max": round(max(times) * 1e3, 2),
+        "TFLOP/s": round(flops / median / 1e12, 3),
+        "MFU": round(flops / median / 1e12 / peak, 4),
+        "peak_TFLOP/s": round(peak, 2),
+        "peak_memory_GiB": round(torch.cuda.max_memory_allocated() / 2**30, 2) if cuda else "",
+        **{f"{p} ms": t for p, t in trainer.phase_times(phase_reps).items()},
+    }
+
+
+def main(argv=None) -> list[dict]:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--arch", default="vit_small", choices=sorted(ARCH_SPECS))
+    parser.add_argument("--batch", type=int, default=32)
+    parser.add_argument("--img-size", type=int, default=224)
+    parser.add_argument(
+        "--precision",
+        choices=["fp32", "bf16", "fp16"],
+        default=None,
+        help="default: bf16 (ours) / fp16 AMP (baseline) on CUDA, fp32 on CPU",
+    )
+    parser.add_argument("--kernels", choices=["fused", "reference"], default="fused")
+    parser.add_argument("--attention", choices=sorted(ATTENTION), default="default")
+    parser.add_argument("--baseline", action="store_true", help="the official MoCo v3 code's way")
+    parser.add_argument("--data", type=Path, help="an ImageFolder root with train/ (default: synthetic tensors)")
+    parser.add_argument("--backend", choices=["auto", "torch", "dali"], default="auto", help="with --data")
+    parser.add_argument("--compare", action="store_true", help="ours and the baseline, with their ratio")
+    parser.add_argument("--suite", action="store_true", help="ViT-S/B/L, both modes, GPU batch sizes")
+    parser.add_argument("--steps", type=int, default=6)
+    parser.add_argument("--out", type=Path, help="CSV (and a .json beside it)")
+    args = parser.parse_args(argv)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    peak = measured_peak_tflops(device)
+    cases = [(args.arch, args.batch)] if not args.suite else [("vit_small", 256), ("vit_base", 128), ("vit_large", 64)]
+    modes = [False, True] if args.compare or args.suite else [args.baseline]
+    rows = []
+    for arch, batch in cases:
+        setups = []
+        for baseline in modes:
+            precision = args.precision or ("fp32" if device.type != "cuda" else "fp16" if baseline else "bf16")
+            setups.append(
+                Setup(
+                    arch,
+                    batch,
+                    args.img_size,
+                    precision,
+                    args.kernels,
+                    args.attention,
+                    baseline,
+                    args.data,
+                    args.backend,
+                )
+            )
+        rows += run(setups, device, args.steps, peak)
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+    meta = {
+        "device": runinfo.device_name(device),
+        "commit": runinfo.git_commit(),
+        "date": datetime.date.today().isoformat(),
+        **runinfo.versions(),
+    }
+    rows = [{**r, **meta} for r in rows]
+    print_table(rows)
+    if args.out:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        with open(args.out, "w", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+            writer.writeheader()
+            writer.writerows(rows)
+        args.out.with_suffix(".json").write_text(json.dumps(rows, indent=1) + "\n")
+    return rows
+
+
+def print_table(rows: list[dict]) -> None:
+    print(
+        f"{rows[0]['device']} | torch {rows[0]['torch']} | commit {rows[0]['commit'][:12]} | "
+        f"peak {rows[0]['peak_TFLOP/s']} TFLOP/s (measured matmul)"
+    )
+    columns = [
+        "mode",
+        "arch",
+        "batch",
+        "precision",
+        "kernels",
+        "images_per_second",
+        "step_ms",
+        "TFLOP/s",
+        "MFU",
+        "peak_memory_GiB",
+        *[f"{p} ms" for p in PHASES],
+    ]
+    widths = [max(len(c), *(len(str(r[c])) for r in rows)) for c in columns]
+    print("  ".join(c.ljust(w) for c, w in zip(columns, widths)))
+    for r in rows:
+        print("  ".join(str(r[c]).ljust(w) for c, w in zip(columns, widths)))
+    for ours, base in zip(rows[::2], rows[1::2]):
+        if ours["mode"] == "ours" and base["mode"] == "baseline" and ours["arch"] == base["arch"]:
+            ratio = base["step_ms"] / ours["step_ms"]  # from unrounded step times
+            print(f"{ours['arch']} batch {ours['batch']}: ours / baseline = {ratio:.2f}x")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,85 @@
+"""The pre-trained base encoder out of any checkpoint this project writes, in one place for every evaluation.
+
+Accepted: a local-engine checkpoint (ckpt-*.pt, DDP runs included), a consolidated DeepSpeed checkpoint, a
+DeepSpeed checkpoint folder or run folder (consolidated on the fly), or a run folder of the local engine (its newest
+checkpoint). The encoder's weights are the keys under `online.base_encoder.` (older `module.` prefixes stripped).
+"""
+
+from __future__ import annotations
+
+import tempfile
+from pathlib import Path
+
+import torch
+
+from fastvit_ssl import checkpoint
+from fastvit_ssl.checkpoint import CheckpointError
+from fastvit_ssl.config import Config, from_dict
+from fastvit_ssl.models.build import build_encoder
+from fastvit_ssl.models.vit import VisionTransformer
+
+PREFIX = "online.base_encoder."
+
+
+def read_checkpoint(path: Path) -> dict:
+    """The local-format state of `path` (see the module docstring)."""
+    path = Path(path)
+    if path.is_dir():
+        if (path / "deepspeed").is_dir() or path.name.startswith("step"):
+            from fastvit_ssl.engine.consolidate import consolidate, find_checkpoint
+
+            with tempfile.TemporaryDirectory() as tmp:
+                return checkpoint.load(consolidate(find_checkpoint(path), Path(tmp) / "consolidated.pt"))
+        found = checkpoint.list_checkpoints(path)
+        if not found:
+            raise CheckpointError(f"{path} holds no checkpoint (ckpt-*.pt or deepspeed/step*)")
+        path = found[-1]
+    return checkpoint.load(path)
+
+
+def encoder_state(model_state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The base encoder's tensors with their ViT names."""
+    out = {}
+    for key, value in model_state.items():
+        key = key.removeprefix("module.")
+        if key.startswith(PREFIX):
+            out[key[len(PREFIX) :]] = value
+    if not out:
+        raise CheckpointError(f"no {PREFIX}* tensors: not a fastvit_ssl MoCo v3 checkpoint")
+    return out
+
+
+def load_weights(encoder: VisionTransformer, state: dict[str, torch.Tensor], source: str) -> None:
+    """Strict load with a message that names what does not fit."""
+    own = encoder.state_dict()
+    missing = sorted(set(own) - set(state))
+    unexpected = sorted(set(state) - set(own))
+    wrong = [
+        f"{k}: {tuple(state[k].shape)} vs {tuple(own[k].shape)}"
+        for k in own
+        if k in state and state[k].shape != own[k].shape
+    ]
+    if missing or unexpected or wrong:
+        parts = [
+            f"missing {', '.join(missing[:4])}" if missing else "",
+            f"unexpected {', '.join(unexpected[:4])}" if unexpected else "",
+            f"shape {'; '.join(wrong[:4])} (checkpoint vs model)" if wrong else "",
+        ]
+        raise CheckpointError(
+            f"{source} does not fit a {encoder.arch} at {encoder.patch_embed.img_size}px: "
+            + "; ".join(p for p in parts if p)
+        )
+    encoder.load_state_dict(state)
+
+
+def load_encoder(path: Path, **overrides) -> tuple[VisionTransformer, Config]:
+    """(pre-trained encoder, the config it was trained with); `overrides` go to VisionTransformer (e.g. drop path)."""
+    state = read_checkpoint(path)
+    cfg = from_dict(state["config"])
+    encoder = (
+        build_encoder(cfg)
+        if not overrides
+        else VisionTransformer(cfg.model.arch, cfg.model.img_size, global_pool=cfg.model.global_pool, **overrides)
+    )
+    load_weights(encoder, encoder_state(state["model"]), str(path))
+    return encoder, cfg
