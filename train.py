@@ -25,6 +25,7 @@ from fastvit_ssl.data.build import build_eval_data, build_train_data, resolve_ro
 from fastvit_ssl.data.folder import DataError
 from fastvit_ssl.engine.build import build_engine
 from fastvit_ssl.eval.knn import knn_top1
+from fastvit_ssl.guard import FaultHooks, NonFiniteGuard, TrainingDiverged
 from fastvit_ssl.kernels.dispatch import select_ops
 from fastvit_ssl.methods.mocov3 import build_mocov3
 from fastvit_ssl.models.build import build_encoder
@@ -40,7 +41,7 @@ def main(argv: list[str] | None = None) -> dict:
     started = time.perf_counter()
     cfg = load(args.config, args.overrides)
     device = pick_device(cfg.run.device)
-    distributed.init_from_env(device)
+    distributed.init_from_env(device, cfg.engine.timeout_s)
     setup_logging()
     world = distributed.world_size()
     if cfg.data.batch_size % world:
@@ -60,7 +61,10 @@ def main(argv: list[str] | None = None) -> dict:
     ops = select_ops(cfg.run.kernels, device)
     model = build_mocov3(cfg, ops).to(device)
     engine = build_engine(cfg, model, device, ops)
-    start_step = resume(cfg, run_dir, engine)
+    start_step, lr_scale = resume(cfg, run_dir, engine)
+    guard = NonFiniteGuard(
+        cfg.run.max_bad_steps, cfg.run.on_nonfinite, cfg.run.rollback_lr_scale, cfg.run.max_rollbacks, lr_scale
+    )
 
     total_steps = cfg.optim.epochs * loader.batches_per_epoch
     monitor = Monitor(run_dir, total_steps, cfg.data.batch_size, cfg.run.log_every, start_step, distributed.is_main())
@@ -76,14 +80,16 @@ def main(argv: list[str] | None = None) -> dict:
     )
 
     train_started = time.perf_counter()
-    step = train_loop(cfg, engine, loader, monitor, run_dir, start_step, eval_data, device)
+    step = train_loop(cfg, engine, loader, monitor, guard, run_dir, start_step, eval_data, device)
     train_seconds = time.perf_counter() - train_started
 
     summary = {
         "run_dir": str(run_dir),
-        "checkpoint": str(checkpoint.path_for(run_dir, step)),
+        "checkpoint": str(engine.checkpoints(run_dir)[-1]),
         "steps": step,
         "images_per_second": (step - start_step) * cfg.data.batch_size / max(train_seconds, 1e-9),
+        "skipped_steps": guard.skipped,
+        "rollbacks": guard.rollbacks,
     }
     if eval_data and step == total_steps and distributed.is_main():
         torch.manual_seed(cfg.run.seed)  # the same draw as the pre-trained encoder's initial weights
@@ -110,6 +116,7 @@ def train_loop(
     engine,
     loader,
     monitor: Monitor,
+    guard: NonFiniteGuard,
     run_dir: Path,
     step: int,
     eval_data,
@@ -119,33 +126,53 @@ def train_loop(
     steps_per_epoch = loader.batches_per_epoch
     peak_lr = schedules.peak_learning_rate(cfg.optim.base_lr, cfg.data.batch_size)
     last_step = cfg.run.stop_at_step or cfg.optim.epochs * steps_per_epoch
+    hooks = FaultHooks(distributed.rank())
     while step < last_step:
         epoch, first_batch = divmod(step, steps_per_epoch)
         loader.start(epoch, first_batch)
         for batch in loader:
             progress = step / steps_per_epoch  # fractional epoch: both schedules move every iteration
-            lr = schedules.learning_rate(progress, peak_lr, cfg.optim.warmup_epochs, cfg.optim.epochs)
+            lr = guard.lr_scale * schedules.learning_rate(progress, peak_lr, cfg.optim.warmup_epochs, cfg.optim.epochs)
             momentum = schedules.moco_momentum(progress, cfg.optim.epochs, cfg.moco.momentum, cfg.moco.momentum_cosine)
-            metrics = engine.step(batch.views, lr, momentum)
-            step += 1
+            metrics, finite = engine.step(batch.views, lr, momentum, poison=hooks.next_iteration())
+            step += 1  # a skipped step still consumes its batch and moves the schedules
             monitor.train_step(
                 step,
                 step / steps_per_epoch,
-                {**metrics, "lr": lr, "momentum": momentum, "skipped_images": batch.skipped},
+                {**metrics, "lr": lr, "momentum": momentum, "skipped_images": batch.skipped, "finite": finite},
             )
+            if guard.observe(finite, step):
+                step = rollback(cfg, run_dir, engine, monitor)
+                break
             epoch_end = step % steps_per_epoch == 0
             if (
                 step == last_step
                 or (cfg.run.ckpt_every and step % cfg.run.ckpt_every == 0)
                 or (epoch_end and not cfg.run.ckpt_every)
             ):
-                save_checkpoint(cfg, run_dir, engine, step)
+                save_checkpoint(cfg, run_dir, engine, step, guard)
             if step == last_step:
                 return step
-        knn_every = cfg.eval.knn_every_epochs
-        if eval_data and knn_every and (step // steps_per_epoch) % knn_every == 0 and distributed.is_main():
-            monitor.record(step, {"knn_top1": evaluate_knn(cfg, engine.model.base_encoder, eval_data, device)})
+        else:
+            knn_every = cfg.eval.knn_every_epochs
+            if eval_data and knn_every and (step // steps_per_epoch) % knn_every == 0 and distributed.is_main():
+                monitor.record(step, {"knn_top1": evaluate_knn(cfg, engine.model.base_encoder, eval_data, device)})
     return step
+
+
+def rollback(cfg: Config, run_dir: Path, engine, monitor: Monitor) -> int:
+    """Back to the newest checkpoint (model, optimizer, RNG); returns its step."""
+    found = engine.checkpoints(run_dir)
+    if not found:
+        raise TrainingDiverged(
+            "non-finite steps before the first checkpoint: nothing to roll back to; lower "
+            "optim.base_lr or set optim.clip_grad"
+        )
+    state = engine.load(found[-1], cfg.to_dict())
+    checkpoint.set_rng_state(state["rng"])
+    monitor.rewind(state["step"])
+    log.warning("rolled back to %s (step %d)", found[-1], state["step"])
+    return state["step"]
 
 
 def evaluate_knn(cfg: Config, encoder, eval_data, device) -> float:
@@ -155,8 +182,8 @@ def evaluate_knn(cfg: Config, encoder, eval_data, device) -> float:
     return top1
 
 
-def resume(cfg: Config, run_dir: Path, engine) -> int:
-    """Restore model, optimizer and RNG from a checkpoint; returns the step to continue from."""
+def resume(cfg: Config, run_dir: Path, engine) -> tuple[int, float]:
+    """Restore model, optimizer and RNG from a checkpoint; returns (step to continue from, learning-rate scale)."""
     found = engine.checkpoints(run_dir)
     if cfg.run.resume == "none":
         if found:
@@ -164,7 +191,7 @@ def resume(cfg: Config, run_dir: Path, engine) -> int:
                 f"{run_dir} already holds checkpoints; pass run.resume=auto to continue that run or "
                 "choose another run.name"
             )
-        return 0
+        return 0, 1.0
     candidates = list(reversed(found)) if cfg.run.resume == "auto" else [Path(cfg.run.resume)]
     for path in candidates:
         try:
@@ -178,12 +205,16 @@ def resume(cfg: Config, run_dir: Path, engine) -> int:
             continue
         checkpoint.set_rng_state(state["rng"])
         log.info("resumed from %s (step %d)", path, state["step"])
-        return state["step"]
-    return 0
+        return state["step"], state.get("lr_scale", 1.0)
+    return 0, 1.0
 
 
-def save_checkpoint(cfg: Config, run_dir: Path, engine, step: int) -> None:
-    client_state = {"step": step, "config": cfg.to_dict(), "rng": checkpoint.rng_state()}
+def save_checkpoint(cfg: Config, run_dir: Path, engine, step: int, guard: NonFiniteGuard) -> None:
+    """Save unless the model holds a non-finite value: a checkpoint is always a state worth going back to."""
+    norms = torch._foreach_norm([p.detach() for p in engine.model.parameters() if p.numel()])
+    if not bool(torch.isfinite(torch.stack(norms)).all()):
+        raise TrainingDiverged(f"the model holds non-finite values at step {step}; not saving it")
+    client_state = {"step": step, "config": cfg.to_dict(), "rng": checkpoint.rng_state(), "lr_scale": guard.lr_scale}
     path = engine.save(run_dir, step, client_state, keep_last=cfg.run.keep_last + 1)
     log.info("saved %s", path)
 
@@ -212,6 +243,6 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 if __name__ == "__main__":
     try:
         main()
-    except (ConfigError, DataError, CheckpointError) as e:
+    except (ConfigError, DataError, CheckpointError, TrainingDiverged) as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)

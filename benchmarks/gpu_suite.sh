@@ -28,7 +28,8 @@ PY
 cat "$out/environment.txt"
 
 echo "== kernel tests, compiled on CUDA =="
-timeout 240 python3 -m pytest tests/kernels -q -p no:cacheprovider -k "not installed_copy" 2>&1 | tee "$out/kernel_tests.txt"
+timeout 240 python3 -m pytest tests/kernels tests/test_timm_compat.py -q -p no:cacheprovider -k "not installed_copy" \
+  2>&1 | tee "$out/kernel_tests.txt"
 [ "${PIPESTATUS[0]}" -eq 0 ] || status=1
 
 echo "== kernel benchmarks =="

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
 import random
@@ -28,34 +29,91 @@ def path_for(run_dir: Path, step: int) -> Path:
     return run_dir / f"ckpt-{step:08d}.pt"
 
 
-def save(path: Path, state: dict[str, Any]) -> Path:
-    """Write to a temporary file in the same folder, fsync, then rename: a crash never leaves a torn file."""
+class _HashingWriter:
+    """A file wrapper that hashes what torch.save writes through it."""
+
+    def __init__(self, f):
+        self.f, self.sha256, self.size = f, hashlib.sha256(), 0
+
+    def write(self, data) -> int:
+        self.sha256.update(data)
+        self.size += len(data)
+        return self.f.write(data)
+
+    def flush(self) -> None:
+        self.f.flush()
+
+
+def _atomic_write(path: Path, write) -> None:
+    """Write through `write(file)` to a temporary file in the same folder, fsync, then rename over `path`."""
     tmp = path.with_name(f".{path.name}.tmp")
     with open(tmp, "wb") as f:
-        torch.save(state, f)
+        write(f)
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)
+
+
+def save(path: Path, state: dict[str, Any]) -> Path:
+    """Crash-safe: the checkpoint, then its checksum file, then the `latest` pointer, each written atomically. A
+    checkpoint without its checksum file (the process died in between) counts as incomplete and is never used."""
+    digest = {}
+
+    def write_state(f):
+        writer = _HashingWriter(f)
+        torch.save(state, writer)
+        digest.update(sha256=writer.sha256.hexdigest(), size=writer.size)
+
+    _atomic_write(path, write_state)
+    _atomic_write(checksum_path(path), lambda f: f.write(f"{digest['sha256']}  {digest['size']}\n".encode()))
+    _atomic_write(path.parent / "latest", lambda f: f.write(f"{path.name}\n".encode()))
     return path
 
 
+def checksum_path(path: Path) -> Path:
+    return path.with_name(path.name + ".sha256")
+
+
+def verify(path: Path) -> None:
+    """Raise CheckpointError unless `path` has its checksum file and matches it (size, then SHA-256)."""
+    if not checksum_path(path).is_file():
+        raise CheckpointError(f"checkpoint {path} is incomplete (no checksum file): the run stopped while writing it")
+    expected, size = checksum_path(path).read_text().split()
+    if not path.is_file() or path.stat().st_size != int(size):
+        raise CheckpointError(f"checkpoint {path} is damaged: size differs from the one recorded when it was written")
+    sha256 = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 24), b""):
+            sha256.update(block)
+    if sha256.hexdigest() != expected:
+        raise CheckpointError(f"checkpoint {path} is damaged: its SHA-256 differs from the one recorded")
+
+
 def list_checkpoints(run_dir: Path) -> list[Path]:
-    """Checkpoints in the run folder, oldest first."""
+    """Complete checkpoints (those with a checksum file) in the run folder, oldest first."""
     if not run_dir.is_dir():
         return []
     found = [(int(m.group(1)), p) for p in run_dir.iterdir() if (m := PATTERN.match(p.name))]
-    return [p for _, p in sorted(found)]
+    return [p for _, p in sorted(found) if checksum_path(p).is_file()]
 
 
-def prune(run_dir: Path, keep_last: int, protect: set[Path] = frozenset()) -> None:
-    """Delete all but the newest `keep_last` checkpoints (and those in `protect`)."""
-    for old in list_checkpoints(run_dir)[: -keep_last or None]:
-        if old not in protect:
-            old.unlink(missing_ok=True)
+def prune(run_dir: Path, keep_last: int) -> None:
+    """Delete all but the newest `keep_last` complete checkpoints, and leftovers of interrupted writes."""
+    complete = list_checkpoints(run_dir)
+    for old in complete[: -keep_last or None]:
+        old.unlink(missing_ok=True)
+        checksum_path(old).unlink(missing_ok=True)
+    keep = set(complete[-keep_last:]) if keep_last else set()
+    for p in run_dir.iterdir():
+        if (PATTERN.match(p.name) and p not in keep) or p.name.endswith(".tmp"):
+            p.unlink(missing_ok=True)
 
 
 def load(path: Path) -> dict[str, Any]:
-    """Load with weights_only=True: tensors and plain containers only, no arbitrary pickled code."""
+    """Verify the checksum (where a checksum file exists), then load with weights_only=True: tensors and plain
+    containers only, no arbitrary pickled code."""
+    if checksum_path(path).exists():
+        verify(path)
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except FileNotFoundError:

@@ -92,6 +92,10 @@ class RunConfig:
     keep_last: int = 2  # checkpoints kept besides the final one
     resume: str = "auto"  # auto: continue from the newest checkpoint in the run folder | none | a checkpoint path
     stop_at_step: int = 0  # stop (and checkpoint) after this step, as if interrupted; 0: run to the end
+    max_bad_steps: int = 3  # consecutive non-finite steps (each skipped) before on_nonfinite acts
+    on_nonfinite: Literal["rollback", "stop"] = "rollback"  # back to the last checkpoint, or stop with a message
+    rollback_lr_scale: float = 0.5  # the learning rate is multiplied by this at each rollback
+    max_rollbacks: int = 2
     deterministic: bool = False
 
 
@@ -221,6 +225,8 @@ def validate(cfg: Config) -> None:
         (cfg.run.ckpt_every >= 0 and cfg.run.keep_last >= 0, "run.ckpt_every and run.keep_last must be >= 0"),
         (cfg.run.stop_at_step >= 0, "run.stop_at_step must be >= 0"),
         (cfg.engine.zero_stage in (0, 1, 2, 3), "engine.zero_stage must be 0, 1, 2 or 3"),
+        (cfg.run.max_bad_steps > 0 and cfg.run.max_rollbacks >= 0, "run.max_bad_steps > 0 and run.max_rollbacks >= 0"),
+        (0 < cfg.run.rollback_lr_scale <= 1, "run.rollback_lr_scale must lie in (0, 1]"),
         (cfg.engine.timeout_s > 0, "engine.timeout_s must be positive"),
         (cfg.run.name not in ("", ".", "..") and "/" not in cfg.run.name, "run.name must be a plain folder name"),
     ]

@@ -1,11 +1,15 @@
-"""Training metrics: a JSONL row per step, a progress line with img/s and ETA, TensorBoard if installed, and
-PNG plots of the curves at the end."""
+"""Training metrics: a JSONL row per step, a progress line with img/s and ETA, TensorBoard if installed, PNG plots
+of the curves at the end, and the stability monitor of the MoCo v3 paper: its instabilities hide inside runs that
+look fine, as loss spikes, dips of kNN accuracy and spikes of the first layer's gradient (all plotted); spikes and
+dips are also written to metrics.jsonl as events and logged."""
 
 from __future__ import annotations
 
 import json
 import logging
+import statistics
 import time
+from collections import deque
 from pathlib import Path
 
 import torch
@@ -38,8 +42,7 @@ class Monitor:
         self.enabled, self.path, self.pending = enabled, run_dir / "metrics.jsonl", []
         self.tb = None
         if enabled:
-            rows = [r for r in read_metrics(self.path) if r["step"] <= start_step]
-            self.path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+            self.rewind(start_step)
             try:
                 from torch.utils.tensorboard import SummaryWriter
 
@@ -47,6 +50,15 @@ class Monitor:
             except ImportError:
                 pass
         self.window_start, self.window_steps = time.perf_counter(), 0
+        self.recent_losses: deque[float] = deque(maxlen=50)
+        self.best_knn = float("-inf")
+
+    def rewind(self, step: int) -> None:
+        """Forget what was recorded after `step` (resume, rollback): the history never holds a step twice."""
+        self.pending = []
+        if self.enabled:
+            rows = [r for r in read_metrics(self.path) if r["step"] <= step]
+            self.path.write_text("".join(json.dumps(r) + "\n" for r in rows))
 
     def train_step(self, step: int, epoch: float, metrics: dict[str, torch.Tensor | float]) -> None:
         """Record step `step` (1-based); print a line every log_every steps and at the last step."""
@@ -59,7 +71,7 @@ class Monitor:
         speed = self.window_steps * self.images_per_step / max(elapsed, 1e-9)
         rows[-1]["images_per_second"] = speed
         self.pending, self.window_start, self.window_steps = [], time.perf_counter(), 0
-        self._write(rows)
+        self._write(rows + [event for r in rows if (event := self.loss_spike(r))])
         last = rows[-1]
         eta = (self.total_steps - step) * self.images_per_step / max(speed, 1e-9)
         log.info(
@@ -75,9 +87,28 @@ class Monitor:
             format_seconds(eta),
         )
 
+    def loss_spike(self, row: dict) -> dict | None:
+        """An event when the loss exceeds 1.5x the median of the last 50 finite steps."""
+        loss = row["loss"]
+        if loss != loss or loss in (float("inf"), float("-inf")):
+            return None
+        median = statistics.median(self.recent_losses) if len(self.recent_losses) >= 20 else None
+        self.recent_losses.append(loss)
+        if median is None or loss <= 1.5 * median:
+            return None
+        log.warning("stability: loss spike at step %d (%.4f, median of the last steps %.4f)", row["step"], loss, median)
+        return {"step": row["step"], "event": "loss_spike", "value": loss, "reference": median}
+
     def record(self, step: int, metrics: dict[str, float]) -> None:
-        """An evaluation result (e.g. kNN top-1) at `step`."""
-        self._write([{"step": step, **metrics}])
+        """An evaluation result (e.g. kNN top-1) at `step`; a kNN drop of 2 points below the best so far is an event."""
+        rows = [{"step": step, **metrics}]
+        knn = metrics.get("knn_top1")
+        if knn is not None and step > 0:
+            if knn < self.best_knn - 2.0:
+                log.warning("stability: kNN dip at step %d (%.2f%%, best so far %.2f%%)", step, knn, self.best_knn)
+                rows.append({"step": step, "event": "knn_dip", "value": knn, "reference": self.best_knn})
+            self.best_knn = max(self.best_knn, knn)
+        self._write(rows)
 
     def _write(self, rows: list[dict]) -> None:
         if not self.enabled:
@@ -87,7 +118,7 @@ class Monitor:
         if self.tb is not None:
             for r in rows:
                 for k, v in r.items():
-                    if k != "step":
+                    if k != "step" and not isinstance(v, str):
                         self.tb.add_scalar(k, v, r["step"])
 
     def close(self) -> Path | None:
@@ -100,32 +131,56 @@ class Monitor:
 
 
 def read_metrics(path: Path) -> list[dict]:
+    """The rows of metrics.jsonl; a torn last line (the process was killed while writing it) is skipped."""
     if not path.exists():
         return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    rows = []
+    for line in path.read_text().splitlines():
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError:
+            continue
+    return rows
 
 
 def plot_metrics(rows: list[dict], out: Path) -> Path | None:
-    """One figure, a panel per curve that was recorded: loss, kNN top-1, grad norm, lr and momentum."""
+    """One figure, a panel per recorded curve: loss (with spike events), kNN top-1 (with dips), gradient norms by
+    layer (the first layer's spikes are the paper's early warning), lr and momentum."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    layers = sorted({k for r in rows for k in r if k.startswith("grad/")})
+    shown_layers = layers if len(layers) <= 6 else [layers[0], layers[len(layers) // 2], *layers[-3:]]
     panels = [
-        ("loss", "contrastive loss"),
-        ("knn_top1", "kNN top-1 (%)"),
-        ("grad_norm", "gradient norm"),
-        ("lr", "learning rate"),
-        ("momentum", "momentum m"),
+        ("contrastive loss", ["loss"], "loss_spike"),
+        ("kNN top-1 (%)", ["knn_top1"], "knn_dip"),
+        ("gradient norm (total)", ["grad_norm"], None),
+        ("gradient norm by layer", shown_layers, None),
+        ("learning rate", ["lr"], None),
+        ("momentum m", ["momentum"], None),
     ]
-    panels = [(k, title) for k, title in panels if any(k in r for r in rows)]
+    panels = [p for p in panels if any(k in r for r in rows for k in p[1])]
     if not panels:
         return None
     fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 3.4), squeeze=False)
-    for ax, (key, title) in zip(axes[0], panels):
-        points = sorted((r["step"], r[key]) for r in rows if key in r)
-        ax.plot(*zip(*points), marker="o" if len(points) < 30 else None, linewidth=1)
+    for ax, (title, keys, event) in zip(axes[0], panels):
+        for key in keys:
+            points = sorted((r["step"], r[key]) for r in rows if key in r and "event" not in r)
+            ax.plot(
+                *zip(*points),
+                marker="o" if len(points) < 30 else None,
+                linewidth=1,
+                label=key.removeprefix("grad/") if len(keys) > 1 else None,
+            )
+        marks = [(r["step"], r["value"]) for r in rows if event and r.get("event") == event]
+        if marks:
+            ax.scatter(*zip(*marks), color="red", marker="x", zorder=3, label=event.replace("_", " "))
+        if len(keys) > 1 or marks:
+            ax.legend(fontsize=7)
+        if title.startswith("gradient norm by"):
+            ax.set_yscale("log")
         ax.set_title(title)
         ax.set_xlabel("step")
         ax.grid(alpha=0.3)

@@ -63,7 +63,7 @@ def make_engine(kind: str, optimizer: str, stage: int, layout: bool = True):
 
 
 def train(engine, optimizer: str, steps=range(STEPS)) -> list[float]:
-    return [engine.step(views(s), LR[optimizer], momentum=0.99)["loss"].item() for s in steps]
+    return [engine.step(views(s), LR[optimizer], momentum=0.99)[0]["loss"].item() for s in steps]
 
 
 def experiments(kind: str, tmp: Path) -> dict:

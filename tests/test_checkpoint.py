@@ -10,7 +10,8 @@ from fastvit_ssl.checkpoint import CheckpointError
 def test_save_is_atomic(tmp_path, monkeypatch):
     path = checkpoint.path_for(tmp_path, 5)
     checkpoint.save(path, {"step": 5, "w": torch.ones(3)})
-    assert [p.name for p in tmp_path.iterdir()] == ["ckpt-00000005.pt"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt-00000005.pt", "ckpt-00000005.pt.sha256", "latest"]
+    assert (tmp_path / "latest").read_text().strip() == "ckpt-00000005.pt"
 
     def crash(*args, **kwargs):
         raise KeyboardInterrupt  # as if killed half-way through the write
@@ -20,6 +21,29 @@ def test_save_is_atomic(tmp_path, monkeypatch):
         checkpoint.save(path, {"step": 6})
     assert checkpoint.load(path)["step"] == 5  # the previous file is untouched
     assert checkpoint.list_checkpoints(tmp_path) == [path]  # the torn temporary file is never listed
+
+
+def test_damage_is_detected_by_size_and_checksum(tmp_path):
+    path = checkpoint.save(checkpoint.path_for(tmp_path, 1), {"w": torch.arange(100.0)})
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2] ^= 0xFF  # one flipped byte, same size
+    path.write_bytes(bytes(data))
+    with pytest.raises(CheckpointError, match="SHA-256 differs"):
+        checkpoint.load(path)
+    path.write_bytes(bytes(data[:-10]))
+    with pytest.raises(CheckpointError, match="size differs"):
+        checkpoint.load(path)
+
+
+def test_a_checkpoint_without_its_checksum_file_is_incomplete(tmp_path):
+    path = checkpoint.save(checkpoint.path_for(tmp_path, 1), {"step": 1})
+    checkpoint.checksum_path(path).unlink()  # as if killed between the two writes
+    (tmp_path / ".ckpt-00000002.pt.tmp").write_bytes(b"half")
+    assert checkpoint.list_checkpoints(tmp_path) == []
+    with pytest.raises(CheckpointError, match="incomplete"):
+        checkpoint.verify(path)
+    checkpoint.prune(tmp_path, keep_last=2)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["latest"]  # the leftovers are cleaned up
 
 
 def test_list_and_prune(tmp_path):

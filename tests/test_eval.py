@@ -88,12 +88,12 @@ def test_export_cli_from_a_run_folder(tiny_overrides, tmp_path):
     assert torch.equal(tensors["pos_embed"], encoder.pos_embed.detach())
 
 
-def test_ddp_prefixed_checkpoints_load(tiny_overrides):
+def test_ddp_prefixed_checkpoints_load(tiny_overrides, tmp_path):
     summary = train.main([*tiny_overrides, "run.stop_at_step=1"])
     state = torch.load(summary["checkpoint"], weights_only=True)
-    state["model"] = {f"module.{k}": v for k, v in state["model"].items()}
-    torch.save(state, summary["checkpoint"])
-    encoder, cfg = load_encoder(Path(summary["checkpoint"]))
+    state["model"] = {f"module.{k}": v for k, v in state["model"].items()}  # as a DDP-wrapped model saves it
+    torch.save(state, tmp_path / "ddp.pt")
+    encoder, cfg = load_encoder(tmp_path / "ddp.pt")
     assert encoder.arch == cfg.model.arch == "vit_demo"
 
 

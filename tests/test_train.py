@@ -64,7 +64,7 @@ def test_damaged_newest_checkpoint_falls_back_to_the_previous(tiny_overrides, ca
     assert [p.name for p in checkpoint.list_checkpoints(run_dir)] == ["ckpt-00000002.pt", "ckpt-00000004.pt"]
     checkpoint.path_for(run_dir, 4).write_bytes(b"torn")
     resumed = train.main([*tiny_overrides, "run.ckpt_every=2"])  # resume=auto skips it with a warning
-    assert resumed["steps"] == 6 and "ckpt-00000004.pt cannot be read" in caplog.text
+    assert resumed["steps"] == 6 and "ckpt-00000004.pt is damaged" in caplog.text
     assert "resumed from" in caplog.text and "ckpt-00000002.pt (step 2)" in caplog.text
 
 

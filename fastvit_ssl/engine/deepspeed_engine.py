@@ -55,18 +55,26 @@ class DeepSpeedEngine:
             params = list(model.online.parameters())
             client_optimizer.partition_like_zero(zero_layout(self.optimizer, params), len(params))
 
-    def step(self, views: list[torch.Tensor], lr: float, momentum: float) -> dict[str, torch.Tensor]:
-        """One training iteration on this rank's share of the global batch. Returns detached metrics."""
+    def step(self, views: list[torch.Tensor], lr: float, momentum: float, poison: bool = False):
+        """One training iteration on this rank's share of the global batch: (detached metrics, finite). A
+        non-finite loss skips backward and update; DeepSpeed's bf16 path has no check of the gradients themselves."""
         x1, x2 = (v.to(self.device, non_blocking=True) for v in views[:2])
         for group in self.optimizer.param_groups:
             group["lr"] = lr
         q1, q2 = self.ds(x1.to(self.dtype), x2.to(self.dtype))
         self.update_momentum_encoder(momentum)  # from the weights of the previous step, as the official code
         loss = self.model.loss(q1.float(), q2.float(), *self.model.keys(x1, x2))
-        self.ds.backward(loss)
-        self.ds.step()
-        grad_norm = self.ds.get_global_grad_norm()
-        return {"loss": loss.detach(), "grad_norm": torch.as_tensor(float("nan") if grad_norm is None else grad_norm)}
+        if poison:
+            loss = loss * float("nan")
+        finite = bool(distributed.all_reduce_mean(torch.isfinite(loss).float()) == 1)  # every rank decides alike
+        if finite:
+            self.ds.backward(loss)
+            self.ds.step()
+        grad_norm = self.ds.get_global_grad_norm() if finite else None
+        return {
+            "loss": loss.detach(),
+            "grad_norm": torch.as_tensor(float("nan") if grad_norm is None else grad_norm),
+        }, finite
 
     @torch.no_grad()
     def update_momentum_encoder(self, momentum: float) -> None:

@@ -43,18 +43,28 @@ class LocalEngine:
             torch.autocast(device.type, dtype=torch.bfloat16) if precision == "bf16" else contextlib.nullcontext()
         )
 
-    def step(self, views: list[torch.Tensor], lr: float, momentum: float) -> dict[str, torch.Tensor]:
-        """One training iteration on this rank's share of the global batch. Returns detached metrics."""
+    def step(self, views: list[torch.Tensor], lr: float, momentum: float, poison: bool = False):
+        """One training iteration on this rank's share of the global batch: (detached metrics, finite). A step whose
+        loss or gradient is not finite changes nothing: no update, BN statistics restored. `poison` makes the loss
+        NaN (a test hook)."""
         x1, x2 = (v.to(self.device, non_blocking=True) for v in views[:2])
         for group in self.optimizer.param_groups:
             group["lr"] = lr
+        buffers = [b.clone() for b in self.model.buffers()]  # BN running statistics: small
         with self.autocast:
             loss = self.forward_module(x1, x2, momentum)
+        if poison:
+            loss = loss * float("nan")
         loss.backward()
+        layer_norms = grad_norms_by_layer(self.model)
         grad_norm = torch.nn.utils.clip_grad_norm_(self.params, self.clip_grad or float("inf"))
-        self.optimizer.step()
+        finite = bool(torch.isfinite(loss) & torch.isfinite(grad_norm))  # one device sync per step
+        if finite:
+            self.optimizer.step()
+        else:
+            torch._foreach_copy_(list(self.model.buffers()), buffers)
         self.optimizer.zero_grad(set_to_none=True)
-        return {"loss": loss.detach(), "grad_norm": grad_norm.detach()}
+        return {"loss": loss.detach(), "grad_norm": grad_norm.detach(), **layer_norms}, finite
 
     def checkpoints(self, run_dir: Path) -> list[Path]:
         """Complete checkpoints in the run folder, oldest first."""
@@ -78,3 +88,24 @@ class LocalEngine:
         self.model.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
         return state
+
+
+def grad_norms_by_layer(model) -> dict[str, torch.Tensor]:
+    """Gradient norm of the first layer (the patch projection when it trains, else block 0), of every block and of
+    the heads: the paper's instability shows as spikes in the first layer's gradient."""
+    groups: dict[str, list[torch.Tensor]] = {}
+    for name, p in model.online.named_parameters():
+        if p.grad is None:
+            continue
+        parts = name.split(".")
+        key = (
+            f"grad/block{int(parts[2]):02d}"
+            if parts[1] == "blocks"
+            else "grad/patch_embed"
+            if parts[1] == "patch_embed"
+            else f"grad/{parts[0].removeprefix('base_')}"
+            if parts[0] != "base_encoder"
+            else "grad/encoder_other"
+        )
+        groups.setdefault(key, []).append(p.grad)
+    return {k: torch.linalg.vector_norm(torch.stack(torch._foreach_norm(g))) for k, g in groups.items()}

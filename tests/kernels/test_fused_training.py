@@ -48,7 +48,8 @@ def train(overrides, ops, device, steps=24):
     for step in range(steps):
         noise = torch.randn(2, 8, 3, 14, 14, generator=torch.Generator().manual_seed(step))
         views = (images + 0.3 * noise).to(device)
-        losses.append(engine.step(list(views), lr=0.05 if cfg.optim.name == "lars" else 2e-3, momentum=0.99)["loss"])
+        metrics, _ = engine.step(list(views), lr=0.05 if cfg.optim.name == "lars" else 2e-3, momentum=0.99)
+        losses.append(metrics["loss"])
     return torch.stack(losses)
 
 

@@ -1,0 +1,22 @@
+"""Exported weights in timm itself (timm imports torchvision, which does not import beside the CPU torch used here:
+this runs where timm works, e.g. in benchmarks/gpu_suite.sh)."""
+
+import pytest
+import torch
+
+from fastvit_ssl.eval import export
+from fastvit_ssl.models.vit import VisionTransformer
+
+timm = pytest.importorskip("timm")
+
+
+@pytest.mark.parametrize("arch, pool", [("vit_small", "token"), ("vit_demo", "avg")])
+def test_timm_builds_and_loads_the_export_strictly_with_the_same_features(arch, pool):
+    torch.manual_seed(0)
+    size = 28 if arch == "vit_demo" else 32
+    ours = VisionTransformer(arch, size, global_pool=pool).eval()
+    spec = export.timm_spec(ours)
+    theirs = timm.create_model(spec["timm_model"], pretrained=False, **spec["timm_kwargs"]).eval()
+    theirs.load_state_dict(export.to_timm_state_dict(ours), strict=True)
+    x = torch.randn(2, 3, size, size)
+    torch.testing.assert_close(theirs(x), ours(x), rtol=1e-5, atol=1e-5)
