@@ -18,11 +18,10 @@ from pathlib import Path
 
 import torch
 
-from fastvit_ssl import checkpoint, distributed, runinfo
+from fastvit_ssl import checkpoint, cli, distributed, runinfo
 from fastvit_ssl.checkpoint import CheckpointError, IncompatibleCheckpoint
 from fastvit_ssl.config import Config, ConfigError, load
 from fastvit_ssl.data.build import build_eval_data, build_train_data, resolve_root
-from fastvit_ssl.data.folder import DataError
 from fastvit_ssl.engine.build import build_engine
 from fastvit_ssl.eval.knn import knn_top1
 from fastvit_ssl.guard import FaultHooks, NonFiniteGuard, TrainingDiverged
@@ -241,8 +240,4 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except (ConfigError, DataError, CheckpointError, TrainingDiverged) as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+    cli.run(main)

@@ -110,7 +110,7 @@ def test_weights_of_another_architecture_are_refused_with_the_mismatch_named():
         export.from_timm_state_dict(VisionTransformer("vit_small", 32), {**small, "dist_token": torch.zeros(1)})
     classifier = {**small, "head.weight": torch.zeros(1000, 384), "head.bias": torch.zeros(1000)}
     export.from_timm_state_dict(VisionTransformer("vit_small", 32), classifier)  # the classifier head is dropped
-    with pytest.raises(ValueError, match="convolutional stem"):
+    with pytest.raises(CheckpointError, match="convolutional stem"):
         export.timm_spec(VisionTransformer("vit_conv_small", 32))
 
 

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 from pathlib import Path
 
 import torch
@@ -40,7 +39,7 @@ def timm_spec(encoder: VisionTransformer) -> dict:
     """{"timm_model": name, "timm_kwargs": {...}} that rebuild `encoder` in timm."""
     spec = ARCH_SPECS[encoder.arch]
     if spec.conv_stem:
-        raise ValueError(f"{encoder.arch} has a convolutional stem, which timm's VisionTransformer does not have")
+        raise CheckpointError(f"{encoder.arch} has a convolutional stem, which timm's VisionTransformer lacks")
     kwargs = {
         "img_size": encoder.patch_embed.img_size,
         "patch_size": spec.patch_size,
@@ -83,13 +82,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--checkpoint", type=Path, required=True, help="checkpoint, run or DeepSpeed folder")
     parser.add_argument("--out", type=Path, required=True, help="FILE.safetensors (FILE.json is written beside)")
     args = parser.parse_args(argv)
-    try:
-        print(f"wrote {export(args.checkpoint, args.out)} and {args.out.with_suffix('.json')}")
-    except (CheckpointError, ValueError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    print(f"wrote {export(args.checkpoint, args.out)} and {args.out.with_suffix('.json')}")
     return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from fastvit_ssl.cli import run
+
+    run(main)

@@ -119,4 +119,6 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    from fastvit_ssl.cli import run
+
+    run(main)
