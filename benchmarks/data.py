@@ -9,7 +9,6 @@ On a machine with a GPU, DALI decodes with nvJPEG and augments on the GPU; elsew
 from __future__ import annotations
 
 import argparse
-import csv
 import datetime
 import tempfile
 import time
@@ -24,6 +23,7 @@ from fastvit_ssl.data.augment import moco_v3_views
 from fastvit_ssl.data.dali import DaliViewLoader, dali_available
 from fastvit_ssl.data.folder import scan_image_folder
 from fastvit_ssl.data.torch_pipeline import TorchViewLoader
+from rows import write_rows
 
 
 def generate_jpegs(root: Path, count: int, seed: int = 0) -> Path:
@@ -88,11 +88,7 @@ def main(argv=None) -> list[dict]:
             f"{row['views']} views of {row['size']}^2, {row['device']})"
         )
     if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        with open(args.out, "w", newline="") as f:
-            writer = csv.DictWriter(f, fieldnames=list(rows[0]))
-            writer.writeheader()
-            writer.writerows(rows)
+        write_rows(rows, args.out)
     return rows
 
 

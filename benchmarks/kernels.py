@@ -13,9 +13,7 @@ the same for every implementation, so GB/s compares like with like.
 from __future__ import annotations
 
 import argparse
-import csv
 import datetime
-import json
 import statistics
 import time
 from pathlib import Path
@@ -29,6 +27,7 @@ from fastvit_ssl.models.heads import projector
 from fastvit_ssl.models.vit import VisionTransformer
 from fastvit_ssl.optim.lamb import LAMB
 from fastvit_ssl.optim.lars import LARS
+from rows import print_table, write_rows
 
 # Sizes of a realistic step: a ViT's parameter lists (EMA, optimizers) and patch projection, MoCo's logits of
 # 4096 queries x 65536 keys gathered from 16 ranks, a batch of 224^2 images.
@@ -187,30 +186,17 @@ def main(argv=None) -> list[dict]:
             }
         )
         del fn
-    print_table(rows, fused)
+    print_header(rows, fused)
+    print_table(rows, ["kernel", "impl", "shape", "ms", "ms_p20", "ms_p80", "GB/s", "TFLOP/s", "peak_MiB"])
     if args.out:
-        write(rows, args.out)
+        write_rows(rows, args.out)
     return rows
 
 
-def print_table(rows: list[dict], fused: bool) -> None:
+def print_header(rows: list[dict], fused: bool) -> None:
     print(f"{rows[0]['device']} | {rows[0]['dtype']} | commit {rows[0]['commit'][:12]}")
     if not fused:
         print("no CUDA device: fused Triton kernels are not timed (the interpreter's speed means nothing)")
-    header = ["kernel", "impl", "shape", "ms", "ms_p20", "ms_p80", "GB/s", "TFLOP/s", "peak_MiB"]
-    widths = [max(len(h), *(len(str(r[h])) for r in rows)) for h in header]
-    print("  ".join(h.ljust(w) for h, w in zip(header, widths)))
-    for r in rows:
-        print("  ".join(str(r[h]).ljust(w) for h, w in zip(header, widths)))
-
-
-def write(rows: list[dict], out: Path) -> None:
-    out.parent.mkdir(parents=True, exist_ok=True)
-    with open(out, "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
-        writer.writeheader()
-        writer.writerows(rows)
-    out.with_suffix(".json").write_text(json.dumps(rows, indent=1) + "\n")
 
 
 if __name__ == "__main__":

@@ -24,9 +24,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import csv
 import datetime
-import json
 import statistics
 import time
 from dataclasses import dataclass
@@ -42,6 +40,7 @@ from fastvit_ssl.kernels.dispatch import REFERENCE_OPS, select_ops
 from fastvit_ssl.methods.mocov3 import build_mocov3
 from fastvit_ssl.models.vit import ARCH_SPECS
 from fastvit_ssl.optim.build import build_optimizer
+from rows import print_table, write_rows
 
 ATTENTION = {
     "default": None,
@@ -293,18 +292,13 @@ def main(argv=None) -> list[dict]:
         **runinfo.versions(),
     }
     rows = [{**r, **meta} for r in rows]
-    print_table(rows)
+    print_summary(rows)
     if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        with open(args.out, "w", newline="") as f:
-            writer = csv.DictWriter(f, fieldnames=list(rows[0]))
-            writer.writeheader()
-            writer.writerows(rows)
-        args.out.with_suffix(".json").write_text(json.dumps(rows, indent=1) + "\n")
+        write_rows(rows, args.out)
     return rows
 
 
-def print_table(rows: list[dict]) -> None:
+def print_summary(rows: list[dict]) -> None:
     print(
         f"{rows[0]['device']} | torch {rows[0]['torch']} | commit {rows[0]['commit'][:12]} | "
         f"peak {rows[0]['peak_TFLOP/s']} TFLOP/s (measured matmul)"
@@ -322,10 +316,7 @@ def print_table(rows: list[dict]) -> None:
         "peak_memory_GiB",
         *[f"{p} ms" for p in PHASES],
     ]
-    widths = [max(len(c), *(len(str(r[c])) for r in rows)) for c in columns]
-    print("  ".join(c.ljust(w) for c, w in zip(columns, widths)))
-    for r in rows:
-        print("  ".join(str(r[c]).ljust(w) for c, w in zip(columns, widths)))
+    print_table(rows, columns)
     for ours, base in zip(rows[::2], rows[1::2]):
         if ours["mode"] == "ours" and base["mode"] == "baseline" and ours["arch"] == base["arch"]:
             ratio = base["step_ms"] / ours["step_ms"]  # from unrounded step times

@@ -32,6 +32,13 @@ def _chunk(chunk_tensor, chunk_start, numels, BLOCK: tl.constexpr):
 
 
 @triton.jit
+def _add_norms(norms_ptr, t, p, u):
+    """Add this chunk's |p|^2 and |u|^2 to tensor t's running sums (chunks of a tensor run in parallel)."""
+    tl.atomic_add(norms_ptr + 2 * t, tl.sum(p * p, axis=0))
+    tl.atomic_add(norms_ptr + 2 * t + 1, tl.sum(u * u, axis=0))
+
+
+@triton.jit
 def _trust_ratio(norms_ptr, t, adapt, coefficient):
     """coefficient * |p| / |u| for adapted tensors with both norms > 0, else 1."""
     p_norm = tl.sqrt(tl.load(norms_ptr + 2 * t))
@@ -57,9 +64,7 @@ def _lars_norms_kernel(
     if tl.load(adapt_ptr + t) != 0:
         p = tl.load(tl.load(p_addrs + t).to(tl.pointer_type(P_DTYPE)) + offsets, mask=mask, other=0.0).to(tl.float32)
         g = tl.load(tl.load(g_addrs + t).to(tl.pointer_type(P_DTYPE)) + offsets, mask=mask, other=0.0).to(tl.float32)
-        u = g + weight_decay * p
-        tl.atomic_add(norms_ptr + 2 * t, tl.sum(p * p, axis=0))
-        tl.atomic_add(norms_ptr + 2 * t + 1, tl.sum(u * u, axis=0))
+        _add_norms(norms_ptr, t, p, g + weight_decay * p)
 
 
 @triton.jit
@@ -129,8 +134,7 @@ def _lamb_moments_kernel(
     tl.store(v_ptr + offsets, v, mask=mask)
     if adapt != 0:
         u = tl.where(mask, _lamb_update_direction(p, m, v, t, adapt, corrections_ptr, weight_decay, eps), 0.0)
-        tl.atomic_add(norms_ptr + 2 * t, tl.sum(p * p, axis=0))
-        tl.atomic_add(norms_ptr + 2 * t + 1, tl.sum(u * u, axis=0))
+        _add_norms(norms_ptr, t, p, u)
 
 
 @triton.jit

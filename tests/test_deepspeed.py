@@ -10,21 +10,21 @@ from pathlib import Path
 import pytest
 import torch
 
+from launch import ENV_1_THREAD, TORCHRUN_2
+
 pytest.importorskip("deepspeed")
 WORKER = Path(__file__).with_name("ds_worker.py")
+ENV = {
+    **ENV_1_THREAD,
+    "DS_ACCELERATOR": "cpu",
+    "TORCH_EXTENSIONS_DIR": os.environ.get("TORCH_EXTENSIONS_DIR", str(Path.home() / ".cache/torch_extensions")),
+}
 
 
 def run(tmp: Path, kind: str) -> dict:
-    env = {
-        **os.environ,
-        "OMP_NUM_THREADS": "1",
-        "DS_ACCELERATOR": "cpu",
-        "TORCH_EXTENSIONS_DIR": os.environ.get("TORCH_EXTENSIONS_DIR", str(Path.home() / ".cache/torch_extensions")),
-    }
     out = tmp / f"{kind}.pt"
-    launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
-    cmd = [*(launcher if kind == "deepspeed" else [sys.executable]), str(WORKER), str(out), kind]
-    result = subprocess.run(cmd, capture_output=True, text=True, timeout=900, env=env)
+    cmd = [*(TORCHRUN_2 if kind == "deepspeed" else [sys.executable]), str(WORKER), str(out), kind]
+    result = subprocess.run(cmd, capture_output=True, text=True, timeout=900, env=ENV)
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-4000:]
     return torch.load(out, weights_only=True)
 
@@ -87,19 +87,8 @@ def test_train_py_under_torchrun_resumes_and_consolidates(tiny_overrides, tmp_pa
     from fastvit_ssl.methods.mocov3 import build_mocov3
 
     repo = Path(__file__).resolve().parents[1]
-    env = {
-        **os.environ,
-        "OMP_NUM_THREADS": "1",
-        "DS_ACCELERATOR": "cpu",
-        "TORCH_EXTENSIONS_DIR": os.environ.get("TORCH_EXTENSIONS_DIR", str(Path.home() / ".cache/torch_extensions")),
-    }
     command = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--standalone",
-        "--nproc_per_node",
-        "2",
+        *TORCHRUN_2,
         str(repo / "train.py"),
         *tiny_overrides,
         "engine.name=deepspeed",
@@ -108,7 +97,7 @@ def test_train_py_under_torchrun_resumes_and_consolidates(tiny_overrides, tmp_pa
         "eval.knn_every_epochs=0",
     ]
     for extra in (["run.stop_at_step=4"], []):
-        result = subprocess.run([*command, *extra], capture_output=True, text=True, timeout=600, env=env, cwd=tmp_path)
+        result = subprocess.run([*command, *extra], capture_output=True, text=True, timeout=600, env=ENV, cwd=tmp_path)
         assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
     assert "resumed from" in result.stdout and "(step 4)" in result.stdout
     assert "kNN top-1: random-init" in result.stdout

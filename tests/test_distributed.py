@@ -1,33 +1,20 @@
 """Two gloo processes on a global batch must give one process's loss and gradients on the same batch: keys are
 gathered from all ranks, labels are offset by N * rank, and the heads' BN statistics cover the global batch."""
 
-import os
 import subprocess
 import sys
 from pathlib import Path
 
 import torch
 
+from launch import ENV_1_THREAD, TORCHRUN_2
+
 WORKER = Path(__file__).with_name("dist_worker.py")
 
 
 def run_worker(nproc: int, out: Path) -> dict:
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    cmd = (
-        [
-            sys.executable,
-            "-m",
-            "torch.distributed.run",
-            "--nproc_per_node",
-            str(nproc),
-            "--standalone",
-            str(WORKER),
-            str(out),
-        ]
-        if nproc > 1
-        else [sys.executable, str(WORKER), str(out)]
-    )
-    result = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env)
+    cmd = [*(TORCHRUN_2 if nproc == 2 else [sys.executable]), str(WORKER), str(out)]
+    result = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=ENV_1_THREAD)
     assert result.returncode == 0, result.stderr[-3000:]
     return torch.load(out, weights_only=True)
 

@@ -18,6 +18,7 @@ import train
 from fastvit_ssl import checkpoint
 from fastvit_ssl.guard import TrainingDiverged
 from fastvit_ssl.monitor import Monitor, read_metrics
+from launch import ENV_1_THREAD, TORCHRUN_2
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -30,7 +31,7 @@ def command(overrides: list[str]) -> list[str]:
     return [sys.executable, str(REPO / "train.py"), *overrides]
 
 
-ENV = {**os.environ, "OMP_NUM_THREADS": "1"}  # the same threads in every run, so float sums are reduced alike
+ENV = ENV_1_THREAD  # the same threads in every run, so float sums are reduced alike
 
 
 def run_until_killed(overrides: list[str], kill_after_step: int, cwd: Path) -> int:
@@ -109,12 +110,7 @@ def test_a_dying_rank_ends_the_run_and_is_named(tiny_overrides, tmp_path):
     started = time.perf_counter()
     result = subprocess.run(
         [
-            sys.executable,
-            "-m",
-            "torch.distributed.run",
-            "--standalone",
-            "--nproc_per_node",
-            "2",
+            *TORCHRUN_2,
             str(REPO / "train.py"),
             *tiny_overrides,
             "engine.timeout_s=60",

@@ -1,9 +1,7 @@
 """End-to-end pre-training runs of a few CPU seconds through train.main."""
 
 import json
-import os
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -13,6 +11,7 @@ import train
 from fastvit_ssl import checkpoint
 from fastvit_ssl.checkpoint import CheckpointError
 from fastvit_ssl.monitor import read_metrics
+from launch import ENV_1_THREAD, TORCHRUN_2
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -72,12 +71,7 @@ def test_batch_must_divide_over_the_processes(tiny_overrides, tmp_path):
     overrides = [o for o in tiny_overrides if not o.startswith("data.batch_size")] + ["data.batch_size=7"]
     result = subprocess.run(
         [
-            sys.executable,
-            "-m",
-            "torch.distributed.run",
-            "--standalone",
-            "--nproc_per_node",
-            "2",
+            *TORCHRUN_2,
             str(REPO / "train.py"),
             *overrides,
         ],
@@ -85,7 +79,7 @@ def test_batch_must_divide_over_the_processes(tiny_overrides, tmp_path):
         text=True,
         timeout=300,
         cwd=tmp_path,
-        env={**os.environ, "OMP_NUM_THREADS": "1"},
+        env=ENV_1_THREAD,
     )
     assert result.returncode != 0
     assert "data.batch_size=7 is the global batch and must divide evenly over 2 processes" in result.stderr

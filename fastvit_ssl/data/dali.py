@@ -168,28 +168,12 @@ class DaliViewLoader:
         if self.tars is None:
             self.sampler.start(self.epoch, self.first_batch)
             order = [i for batch in self.sampler for i, _ in batch]
-            pipe = build_pipeline(
-                self.views,
-                self.local_batch,
-                self.num_threads,
-                self.device_id,
-                seed,
-                files=[self.samples[i][0] for i in order],
-                labels=[self.samples[i][1] for i in order],
-            )
+            source = {"files": [self.samples[i][0] for i in order], "labels": [self.samples[i][1] for i in order]}
             skip = 0
         else:
-            pipe = build_pipeline(
-                self.views,
-                self.local_batch,
-                self.num_threads,
-                self.device_id,
-                seed,
-                tars=self.tars,
-                shard_id=(self.rank + self.epoch) % self.world,
-                num_shards=self.world,
-            )
+            source = {"tars": self.tars, "shard_id": (self.rank + self.epoch) % self.world, "num_shards": self.world}
             skip = self.first_batch  # DALI's shuffle cannot jump: replay the batches already trained on
+        pipe = build_pipeline(self.views, self.local_batch, self.num_threads, self.device_id, seed, **source)
         names = [f"view{i}" for i in range(len(self.views))]
         iterator = DALIGenericIterator(
             [pipe], [*names, "label"], reader_name="reader", last_batch_policy=LastBatchPolicy.DROP
