@@ -31,6 +31,18 @@ def _config(dim: int, device: torch.device) -> dict:
 
 
 @triton.jit
+def _query_tile(q_ptr, N, D, stride_q, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, UPCAST: tl.constexpr):
+    """(rows, dims, valid [BLOCK_N, BLOCK_D], q tile) of this program's BLOCK_N queries."""
+    rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    dims = tl.arange(0, BLOCK_D)
+    valid = (rows < N)[:, None] & (dims[None, :] < D)
+    q = tl.load(q_ptr + rows[:, None] * stride_q + dims[None, :], mask=valid, other=0.0)
+    if UPCAST:
+        q = q.to(tl.float32)
+    return rows, dims, valid, q
+
+
+@triton.jit
 def _logits_tile(
     q, rq_scaled, k_ptr, rk_ptr, cols, dims, M, D, stride_k, UPCAST: tl.constexpr, PRECISION: tl.constexpr
 ):
@@ -65,12 +77,8 @@ def _contrastive_fwd_kernel(
     UPCAST: tl.constexpr,
     PRECISION: tl.constexpr,
 ):
-    rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
-    dims = tl.arange(0, BLOCK_D)
+    rows, dims, _, q = _query_tile(q_ptr, N, D, stride_q, BLOCK_N, BLOCK_D, UPCAST)
     row_ok = rows < N
-    q = tl.load(q_ptr + rows[:, None] * stride_q + dims[None, :], mask=row_ok[:, None] & (dims[None, :] < D), other=0.0)
-    if UPCAST:
-        q = q.to(tl.float32)
     rq_scaled = tl.load(rq_ptr + rows, mask=row_ok, other=0.0) * inv_t
     labels = rows + label_offset
     run_max = tl.full([BLOCK_N], float("-inf"), tl.float32)
@@ -112,13 +120,8 @@ def _contrastive_bwd_kernel(
     UPCAST: tl.constexpr,
     PRECISION: tl.constexpr,
 ):
-    rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
-    dims = tl.arange(0, BLOCK_D)
+    rows, dims, tile_ok, q = _query_tile(q_ptr, N, D, stride_q, BLOCK_N, BLOCK_D, UPCAST)
     row_ok = rows < N
-    tile_ok = row_ok[:, None] & (dims[None, :] < D)
-    q = tl.load(q_ptr + rows[:, None] * stride_q + dims[None, :], mask=tile_ok, other=0.0)
-    if UPCAST:
-        q = q.to(tl.float32)
     rq = tl.load(rq_ptr + rows, mask=row_ok, other=0.0)
     lse = tl.load(lse_ptr + rows, mask=row_ok, other=0.0)
     labels = rows + label_offset

@@ -8,7 +8,7 @@ import torch
 import triton
 import triton.language as tl
 
-from fastvit_ssl.kernels.multi_tensor import address_table, chunk_table, group_by_dtype, triton_dtype
+from fastvit_ssl.kernels.multi_tensor import address_table, chunk_table, group_by_dtype, tensor_ptr, triton_dtype
 from fastvit_ssl.methods.ema import ema_update_ref_
 
 BLOCK = 4096
@@ -30,8 +30,8 @@ def _ema_kernel(
     t = tl.load(chunk_tensor + chunk)
     offsets = tl.load(chunk_start + chunk) + tl.arange(0, BLOCK)
     mask = offsets < tl.load(numels + t)
-    ema_ptr = tl.load(ema_addrs + t).to(tl.pointer_type(EMA_DTYPE))
-    param_ptr = tl.load(param_addrs + t).to(tl.pointer_type(PARAM_DTYPE))
+    ema_ptr = tensor_ptr(ema_addrs, t, EMA_DTYPE)
+    param_ptr = tensor_ptr(param_addrs, t, PARAM_DTYPE)
     ema = tl.load(ema_ptr + offsets, mask=mask).to(tl.float32)
     param = tl.load(param_ptr + offsets, mask=mask).to(tl.float32)
     tl.store(ema_ptr + offsets, (ema * momentum + param * (1.0 - momentum)).to(EMA_DTYPE), mask=mask)

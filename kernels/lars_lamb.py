@@ -14,7 +14,7 @@ import torch
 import triton
 import triton.language as tl
 
-from fastvit_ssl.kernels.multi_tensor import address_table, chunk_table, group_by_dtype, triton_dtype
+from fastvit_ssl.kernels.multi_tensor import address_table, chunk_table, group_by_dtype, tensor_ptr, triton_dtype
 from fastvit_ssl.optim.lamb import LAMB
 from fastvit_ssl.optim.lars import LARS
 from fastvit_ssl.optim.trust_ratio import Slot
@@ -62,8 +62,8 @@ def _lars_norms_kernel(
 ):
     t, offsets, mask = _chunk(chunk_tensor, chunk_start, numels, BLOCK)
     if tl.load(adapt_ptr + t) != 0:
-        p = tl.load(tl.load(p_addrs + t).to(tl.pointer_type(P_DTYPE)) + offsets, mask=mask, other=0.0).to(tl.float32)
-        g = tl.load(tl.load(g_addrs + t).to(tl.pointer_type(P_DTYPE)) + offsets, mask=mask, other=0.0).to(tl.float32)
+        p = tl.load(tensor_ptr(p_addrs, t, P_DTYPE) + offsets, mask=mask, other=0.0).to(tl.float32)
+        g = tl.load(tensor_ptr(g_addrs, t, P_DTYPE) + offsets, mask=mask, other=0.0).to(tl.float32)
         _add_norms(norms_ptr, t, p, g + weight_decay * p)
 
 
@@ -86,10 +86,10 @@ def _lars_update_kernel(
 ):
     t, offsets, mask = _chunk(chunk_tensor, chunk_start, numels, BLOCK)
     adapt = tl.load(adapt_ptr + t)
-    p_ptr = tl.load(p_addrs + t).to(tl.pointer_type(P_DTYPE))
-    mu_ptr = tl.load(mu_addrs + t).to(tl.pointer_type(tl.float32))
+    p_ptr = tensor_ptr(p_addrs, t, P_DTYPE)
+    mu_ptr = tensor_ptr(mu_addrs, t, tl.float32)
     p = tl.load(p_ptr + offsets, mask=mask).to(tl.float32)
-    g = tl.load(tl.load(g_addrs + t).to(tl.pointer_type(P_DTYPE)) + offsets, mask=mask).to(tl.float32)
+    g = tl.load(tensor_ptr(g_addrs, t, P_DTYPE) + offsets, mask=mask).to(tl.float32)
     u = (g + tl.where(adapt != 0, weight_decay, 0.0) * p) * _trust_ratio(norms_ptr, t, adapt, trust_coefficient)
     mu = tl.load(mu_ptr + offsets, mask=mask) * momentum + u
     tl.store(mu_ptr + offsets, mu, mask=mask)
@@ -124,10 +124,10 @@ def _lamb_moments_kernel(
 ):
     t, offsets, mask = _chunk(chunk_tensor, chunk_start, numels, BLOCK)
     adapt = tl.load(adapt_ptr + t)
-    m_ptr = tl.load(m_addrs + t).to(tl.pointer_type(tl.float32))
-    v_ptr = tl.load(v_addrs + t).to(tl.pointer_type(tl.float32))
-    p = tl.load(tl.load(p_addrs + t).to(tl.pointer_type(P_DTYPE)) + offsets, mask=mask, other=0.0).to(tl.float32)
-    g = tl.load(tl.load(g_addrs + t).to(tl.pointer_type(P_DTYPE)) + offsets, mask=mask, other=0.0).to(tl.float32)
+    m_ptr = tensor_ptr(m_addrs, t, tl.float32)
+    v_ptr = tensor_ptr(v_addrs, t, tl.float32)
+    p = tl.load(tensor_ptr(p_addrs, t, P_DTYPE) + offsets, mask=mask, other=0.0).to(tl.float32)
+    g = tl.load(tensor_ptr(g_addrs, t, P_DTYPE) + offsets, mask=mask, other=0.0).to(tl.float32)
     m = tl.load(m_ptr + offsets, mask=mask, other=0.0) * beta1 + (1.0 - beta1) * g
     v = tl.load(v_ptr + offsets, mask=mask, other=0.0) * beta2 + (1.0 - beta2) * g * g
     tl.store(m_ptr + offsets, m, mask=mask)
@@ -156,10 +156,10 @@ def _lamb_update_kernel(
 ):
     t, offsets, mask = _chunk(chunk_tensor, chunk_start, numels, BLOCK)
     adapt = tl.load(adapt_ptr + t)
-    p_ptr = tl.load(p_addrs + t).to(tl.pointer_type(P_DTYPE))
+    p_ptr = tensor_ptr(p_addrs, t, P_DTYPE)
     p = tl.load(p_ptr + offsets, mask=mask).to(tl.float32)
-    m = tl.load(tl.load(m_addrs + t).to(tl.pointer_type(tl.float32)) + offsets, mask=mask)
-    v = tl.load(tl.load(v_addrs + t).to(tl.pointer_type(tl.float32)) + offsets, mask=mask)
+    m = tl.load(tensor_ptr(m_addrs, t, tl.float32) + offsets, mask=mask)
+    v = tl.load(tensor_ptr(v_addrs, t, tl.float32) + offsets, mask=mask)
     u = _lamb_update_direction(p, m, v, t, adapt, corrections_ptr, weight_decay, eps)
     tl.store(p_ptr + offsets, (p - lr * _trust_ratio(norms_ptr, t, adapt, 1.0) * u).to(P_DTYPE), mask=mask)
 

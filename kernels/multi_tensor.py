@@ -9,6 +9,8 @@ from __future__ import annotations
 import functools
 
 import torch
+import triton
+import triton.language as tl
 
 
 def group_by_dtype(*lists: list[torch.Tensor]) -> dict[tuple[torch.dtype, ...], list[int]]:
@@ -42,7 +44,11 @@ def chunk_table(numels: tuple[int, ...], block: int, device: torch.device):
     )
 
 
-def triton_dtype(dtype: torch.dtype):
-    import triton.language as tl
+@triton.jit
+def tensor_ptr(addrs, t, DTYPE: tl.constexpr):
+    """Typed pointer to tensor t of an address table."""
+    return tl.load(addrs + t).to(tl.pointer_type(DTYPE))
 
+
+def triton_dtype(dtype: torch.dtype):
     return {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}[dtype]
