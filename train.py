@@ -55,8 +55,8 @@ def main(argv: list[str] | None = None) -> dict:
     torch.use_deterministic_algorithms(cfg.run.deterministic)
 
     data_root = resolve_root(cfg)
-    loader, classes = build_train_data(cfg, data_root, device)
-    eval_data = build_eval_data(cfg, data_root, classes)
+    loader, train_samples, classes = build_train_data(cfg, data_root, device)
+    eval_data = build_eval_data(cfg, data_root, train_samples, classes)
     ops = select_ops(cfg.run.kernels, device)
     model = build_mocov3(cfg, ops).to(device)
     engine = build_engine(cfg, model, device, ops)

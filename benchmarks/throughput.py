@@ -128,7 +128,7 @@ class Trainer:
 
     def real_batches(self):
         """Endless batches of the configured pipeline (torch or DALI) over the folder."""
-        loader, _ = build_train_data(self.cfg, Path(self.cfg.data.root), self.device)
+        loader, _, _ = build_train_data(self.cfg, Path(self.cfg.data.root), self.device)
         epoch = 0
         while True:
             loader.start(epoch)

@@ -34,9 +34,8 @@ def pretrained_demo(tmp_path_factory) -> Path:
 def demo_eval_data(run_dir: Path):
     encoder, cfg = load_encoder(run_dir)
     root = run_dir.parent / "demo_data"
-    classes = scan_image_folder(root / "train")[1]
     torch.manual_seed(cfg.run.seed)
-    return encoder, build_encoder(cfg), build_eval_data(cfg, root, classes)
+    return encoder, build_encoder(cfg), build_eval_data(cfg, root, *scan_image_folder(root / "train"))
 
 
 def test_knn_and_linear_probe_beat_a_random_encoder(pretrained_demo):

@@ -34,8 +34,8 @@ def resolve_root(cfg: Config) -> Path:
 
 
 def build_train_data(cfg: Config, root: Path, device: torch.device):
-    """(loader of this rank's share of every global batch, class names): Pillow + torch or DALI, ImageFolder tree or
-    webdataset shards (root/train/*.tar, DALI only)."""
+    """(loader of this rank's share of every global batch, the [(path, label)] of root/train, class names): Pillow +
+    torch or DALI, ImageFolder tree or webdataset shards (root/train/*.tar, DALI only; no samples, no classes)."""
     views = moco_v3_views(cfg.model.img_size, cfg.data.min_scale)
     tars = sorted(str(p) for p in (root / "train").glob("*.tar"))
     use_dali = cfg.data.backend == "dali" or (cfg.data.backend == "auto" and dali_available())
@@ -49,9 +49,9 @@ def build_train_data(cfg: Config, root: Path, device: torch.device):
             f"{root / 'train'} holds webdataset shards, which only the DALI backend reads: install DALI "
             "and set data.backend=dali"
         )
-    samples, classes = (tars, []) if tars else scan_image_folder(root / "train")
+    samples, classes = ([], []) if tars else scan_image_folder(root / "train")
     if use_dali:
-        loader = DaliViewLoader(samples, views, cfg.data.batch_size, cfg.run.seed, cfg.data.num_workers, device)
+        loader = DaliViewLoader(tars or samples, views, cfg.data.batch_size, cfg.run.seed, cfg.data.num_workers, device)
     else:
         loader = TorchViewLoader(
             samples,
@@ -63,14 +63,14 @@ def build_train_data(cfg: Config, root: Path, device: torch.device):
             cfg.data.num_workers,
             pin_memory=device.type == "cuda",
         )
-    return loader, classes
+    return loader, samples, classes
 
 
-def build_eval_data(cfg: Config, root: Path, classes: list[str], batch_size: int = 256):
-    """(train loader, val loader) of centre-cropped labelled images for kNN, or None without a val/ folder."""
+def build_eval_data(cfg: Config, root: Path, train_samples: list, classes: list[str], batch_size: int = 256):
+    """(train loader, val loader) of centre-cropped labelled images for kNN, or None without a val/ folder.
+    `train_samples` and `classes` are the scan of root/train, which is not listed a second time."""
     if not classes or not (root / "val").is_dir():  # kNN needs labelled ImageFolder trees
         return None
-    train_samples, _ = scan_image_folder(root / "train", classes)
     val_samples, _ = scan_image_folder(root / "val", classes)
     return tuple(
         DataLoader(EvalDataset(s, cfg.model.img_size), batch_size=batch_size, num_workers=min(cfg.data.num_workers, 4))

@@ -84,7 +84,7 @@ def main(argv: list[str] | None = None) -> dict:
     encoder, cfg = load_encoder(args.checkpoint)
     root = args.data or resolve_root(cfg)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    eval_data = build_eval_data(cfg, root, scan_image_folder(root / "train")[1])
+    eval_data = build_eval_data(cfg, root, *scan_image_folder(root / "train"))
     result = {
         "knn_top1": knn_top1(encoder.to(device), *eval_data, device, args.k, args.temperature),
         "wall_seconds": round(time.perf_counter() - started, 1),

@@ -96,11 +96,11 @@ def main(argv: list[str] | None = None) -> dict:
         torch.manual_seed(cfg.run.seed)
         encoder = build_encoder(cfg)
     root = args.data or resolve_root(cfg)
-    classes = scan_image_folder(root / "train")[1]
+    train_samples, classes = scan_image_folder(root / "train")
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     top1, top5 = linear_probe(
         encoder.to(device),
-        build_eval_data(cfg, root, classes),
+        build_eval_data(cfg, root, train_samples, classes),
         device,
         len(classes),
         epochs=args.epochs,
