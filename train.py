@@ -23,11 +23,11 @@ from fastvit_ssl.checkpoint import CheckpointError, IncompatibleCheckpoint
 from fastvit_ssl.config import Config, ConfigError, load
 from fastvit_ssl.data.build import build_eval_data, build_train_data, resolve_root
 from fastvit_ssl.engine.build import build_engine
+from fastvit_ssl.eval.encoder import random_encoder
 from fastvit_ssl.eval.knn import knn_top1
 from fastvit_ssl.guard import FaultHooks, NonFiniteGuard, TrainingDiverged
 from fastvit_ssl.kernels.dispatch import select_ops
 from fastvit_ssl.methods.mocov3 import build_mocov3
-from fastvit_ssl.models.build import build_encoder
 from fastvit_ssl.monitor import Monitor
 from fastvit_ssl.optim import schedules
 
@@ -91,8 +91,7 @@ def main(argv: list[str] | None = None) -> dict:
         "rollbacks": guard.rollbacks,
     }
     if eval_data and step == total_steps and distributed.is_main():
-        torch.manual_seed(cfg.run.seed)  # the same draw as the pre-trained encoder's initial weights
-        summary["knn_top1_random"] = evaluate_knn(cfg, build_encoder(cfg).to(device), eval_data, device)
+        summary["knn_top1_random"] = evaluate_knn(cfg, random_encoder(cfg).to(device), eval_data, device)
         summary["knn_top1_pretrained"] = evaluate_knn(cfg, model.base_encoder, eval_data, device)
         monitor.record(0, {"knn_top1": summary["knn_top1_random"]})  # the curve starts from the random encoder
         monitor.record(step, {"knn_top1": summary["knn_top1_pretrained"]})

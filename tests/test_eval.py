@@ -13,10 +13,9 @@ from fastvit_ssl.checkpoint import CheckpointError
 from fastvit_ssl.data.build import build_eval_data
 from fastvit_ssl.data.folder import scan_image_folder
 from fastvit_ssl.eval import export, finetune
-from fastvit_ssl.eval.encoder import load_encoder, load_weights
+from fastvit_ssl.eval.encoder import load_encoder, load_weights, random_encoder
 from fastvit_ssl.eval.knn import knn_top1
 from fastvit_ssl.eval.linear import linear_probe
-from fastvit_ssl.models.build import build_encoder
 from fastvit_ssl.models.vit import VisionTransformer
 
 CPU = torch.device("cpu")
@@ -34,8 +33,7 @@ def pretrained_demo(tmp_path_factory) -> Path:
 def demo_eval_data(run_dir: Path):
     encoder, cfg = load_encoder(run_dir)
     root = run_dir.parent / "demo_data"
-    torch.manual_seed(cfg.run.seed)
-    return encoder, build_encoder(cfg), build_eval_data(cfg, root, *scan_image_folder(root / "train"))
+    return encoder, random_encoder(cfg), build_eval_data(cfg, root, *scan_image_folder(root / "train"))
 
 
 def test_knn_and_linear_probe_beat_a_random_encoder(pretrained_demo):

@@ -21,6 +21,12 @@ from fastvit_ssl.models.vit import VisionTransformer
 PREFIX = "online.base_encoder."
 
 
+def random_encoder(cfg: Config, **overrides) -> VisionTransformer:
+    """The randomly initialised encoder a run started from (the same seeded draw), the baseline of evaluations."""
+    torch.manual_seed(cfg.run.seed)
+    return build_encoder(cfg, **overrides)
+
+
 def read_checkpoint(path: Path) -> dict:
     """The local-format state of `path` (see the module docstring)."""
     path = Path(path)
@@ -76,10 +82,6 @@ def load_encoder(path: Path, **overrides) -> tuple[VisionTransformer, Config]:
     """(pre-trained encoder, the config it was trained with); `overrides` go to VisionTransformer (e.g. drop path)."""
     state = read_checkpoint(path)
     cfg = from_dict(state["config"])
-    encoder = (
-        build_encoder(cfg)
-        if not overrides
-        else VisionTransformer(cfg.model.arch, cfg.model.img_size, global_pool=cfg.model.global_pool, **overrides)
-    )
+    encoder = build_encoder(cfg, **overrides)
     load_weights(encoder, encoder_state(state["model"]), str(path))
     return encoder, cfg

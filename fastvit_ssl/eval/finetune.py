@@ -29,9 +29,10 @@ from fastvit_ssl.data.augment import ViewAugment
 from fastvit_ssl.data.build import resolve_root
 from fastvit_ssl.data.folder import first_readable, scan_image_folder
 from fastvit_ssl.data.torch_pipeline import EvalDataset, augment_view
-from fastvit_ssl.eval.encoder import load_encoder
+from fastvit_ssl.eval.encoder import load_encoder, random_encoder
 from fastvit_ssl.eval.export import from_timm_state_dict
 from fastvit_ssl.eval.linear import topk_accuracy
+from fastvit_ssl.models.build import build_encoder
 from fastvit_ssl.models.vit import VisionTransformer
 from fastvit_ssl.optim.schedules import learning_rate
 
@@ -193,20 +194,17 @@ def main(argv: list[str] | None = None) -> dict:
     if args.timm_weights:
         from safetensors.torch import load_file
 
+    trainable = {"frozen_patch_embed": False, "drop_path_rate": recipe.drop_path}
+    if args.timm_weights:
+        from safetensors.torch import load_file
+
         cfg = load(None, [f"model.arch={args.arch}", f"model.img_size={args.img_size}"])
-        encoder = VisionTransformer(args.arch, args.img_size, frozen_patch_embed=False, drop_path_rate=recipe.drop_path)
+        encoder = build_encoder(cfg, **trainable)
         from_timm_state_dict(encoder, load_file(str(args.timm_weights)), str(args.timm_weights))
     else:
-        encoder, cfg = load_encoder(args.checkpoint, frozen_patch_embed=False, drop_path_rate=recipe.drop_path)
+        encoder, cfg = load_encoder(args.checkpoint, **trainable)
     if args.random_init:
-        torch.manual_seed(cfg.run.seed)
-        encoder = VisionTransformer(
-            cfg.model.arch,
-            cfg.model.img_size,
-            frozen_patch_embed=False,
-            global_pool=cfg.model.global_pool,
-            drop_path_rate=recipe.drop_path,
-        )
+        encoder = random_encoder(cfg, **trainable)
     root = args.data or resolve_root(cfg)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     result = {

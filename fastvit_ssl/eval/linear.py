@@ -20,9 +20,8 @@ from torch import nn
 
 from fastvit_ssl.data.build import build_eval_data, resolve_root
 from fastvit_ssl.data.folder import scan_image_folder
-from fastvit_ssl.eval.encoder import load_encoder
+from fastvit_ssl.eval.encoder import load_encoder, random_encoder
 from fastvit_ssl.eval.knn import extract_features
-from fastvit_ssl.models.build import build_encoder
 from fastvit_ssl.optim.lars import LARS
 
 
@@ -93,8 +92,7 @@ def main(argv: list[str] | None = None) -> dict:
     started = time.perf_counter()
     encoder, cfg = load_encoder(args.checkpoint)
     if args.random_init:
-        torch.manual_seed(cfg.run.seed)
-        encoder = build_encoder(cfg)
+        encoder = random_encoder(cfg)
     root = args.data or resolve_root(cfg)
     train_samples, classes = scan_image_folder(root / "train")
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")

@@ -7,12 +7,13 @@ from fastvit_ssl.kernels.dispatch import REFERENCE_OPS, Ops
 from fastvit_ssl.models.vit import VisionTransformer
 
 
-def build_encoder(cfg: Config, ops: Ops = REFERENCE_OPS) -> VisionTransformer:
-    return VisionTransformer(
-        cfg.model.arch,
-        cfg.model.img_size,
-        frozen_patch_embed=cfg.model.frozen_patch_embed,
-        global_pool=cfg.model.global_pool,
-        patch_embed_fn=ops.patch_embed,
-        grad_checkpointing=cfg.model.grad_checkpointing,
-    )
+def build_encoder(cfg: Config, ops: Ops = REFERENCE_OPS, **overrides) -> VisionTransformer:
+    """The config's ViT; `overrides` replace constructor arguments (e.g. drop path and a trainable patch projection
+    for fine-tuning)."""
+    kwargs = {
+        "frozen_patch_embed": cfg.model.frozen_patch_embed,
+        "global_pool": cfg.model.global_pool,
+        "patch_embed_fn": ops.patch_embed,
+        "grad_checkpointing": cfg.model.grad_checkpointing,
+    }
+    return VisionTransformer(cfg.model.arch, cfg.model.img_size, **(kwargs | overrides))
