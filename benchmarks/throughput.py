@@ -112,11 +112,11 @@ class Trainer:
         self.fused = ops.fused
         torch.manual_seed(0)
         self.model = build_mocov3(self.cfg, ops).to(device)
-        self.optimizer = build_optimizer(self.cfg.optim, self.model, ops)
-        if setup.baseline:
-            self.optimizer = torch.optim.AdamW(
-                [p for p in self.model.parameters() if p.requires_grad], lr=1e-4, weight_decay=0.1
-            )
+        if setup.baseline:  # torch's default AdamW, as main_moco.py builds it
+            trained = [p for p in self.model.parameters() if p.requires_grad]
+            self.optimizer = torch.optim.AdamW(trained, lr=1e-4, weight_decay=0.1)
+        else:
+            self.optimizer = build_optimizer(self.cfg.optim, self.model, ops)
         dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(setup.precision)
         self.autocast = torch.autocast(device.type, dtype=dtype) if dtype else contextlib.nullcontext()
         self.scaler = torch.amp.GradScaler(device.type) if setup.precision == "fp16" else None
