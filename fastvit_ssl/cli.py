@@ -1,10 +1,12 @@
-"""Command-line entry points end with one line on stderr and exit code 2 for problems the user can fix."""
+"""Command-line entry points end with one line on stderr and exit code 2 for problems the user can fix, and leave
+the process group (if any) on every way out."""
 
 from __future__ import annotations
 
 import sys
 from collections.abc import Callable
 
+from fastvit_ssl import distributed
 from fastvit_ssl.checkpoint import CheckpointError
 from fastvit_ssl.config import ConfigError
 from fastvit_ssl.data.folder import DataError
@@ -20,3 +22,5 @@ def run(main: Callable[[], object]) -> None:
     except USER_ERRORS as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
+    finally:
+        distributed.shutdown()

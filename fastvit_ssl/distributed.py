@@ -39,6 +39,13 @@ def init_from_env(device: torch.device, timeout_s: float = 600.0) -> None:
     log.info("joined process group: rank %d of %d (%s)", rank(), world_size(), backend)
 
 
+def shutdown() -> None:
+    """Leave the process group before the interpreter exits; a gloo group left alive aborts the process at exit
+    ("terminate called without an active exception") when its threads are torn down unjoined."""
+    if is_initialized():
+        dist.destroy_process_group()
+
+
 @torch.no_grad()
 def all_gather_cat(x: torch.Tensor) -> torch.Tensor:
     """Concatenate `x` from all ranks along dim 0 (no gradient), rank order; identity single-process."""

@@ -26,6 +26,7 @@ def main(out_path: str) -> None:
     grads = {name: p.grad for name, p in model.named_parameters() if p.grad is not None}
     if distributed.is_main():
         torch.save({"loss": loss, "grads": grads}, out_path)
+    distributed.shutdown()
 
 
 if __name__ == "__main__":

@@ -93,3 +93,4 @@ if __name__ == "__main__":
     results = experiments(kind, out.parent / f"checkpoints-{kind}")
     if distributed.is_main():
         torch.save(results, out)
+    distributed.shutdown()
