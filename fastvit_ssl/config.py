@@ -48,6 +48,7 @@ class DataConfig:
     batch_size: int = 4096  # global, over all ranks
     num_workers: int = 8  # loader processes per rank
     min_scale: float = 0.08  # smallest crop area of RandomResizedCrop
+    uint8_views: bool = False  # views as [B, S, S, 3] uint8: 4x fewer bytes to the GPU, normalised in the encoder
 
 
 @dataclass

@@ -16,6 +16,7 @@ from fastvit_ssl.data.check import main as check_main
 from fastvit_ssl.data.check import quick_check
 from fastvit_ssl.data.folder import scan_image_folder
 from fastvit_ssl.data.torch_pipeline import TorchViewLoader
+from fastvit_ssl.models.vit import normalize_uint8
 from image_fixtures import make_image_folder
 
 pytest.importorskip("nvidia.dali")
@@ -44,6 +45,17 @@ def test_views_shapes_ranges_and_asymmetry(dataset_root):
     assert to_unit(v1).min() >= -1e-4 and to_unit(v1).max() <= 1 + 1e-4
     assert not torch.allclose(v1, v2)
     assert batches[0].labels.shape == (8,)
+
+
+def test_uint8_views_are_the_float_views_before_normalisation(dataset_root):
+    samples, _ = scan_image_folder(dataset_root / "train")
+    float_views, uint8_views = (
+        collect(DaliViewLoader(samples, moco_v3_views(16, 0.2, uint8=u), 8, seed=0, num_threads=2, device=CPU))[0].views
+        for u in (False, True)
+    )
+    for x, u in zip(float_views, uint8_views):
+        assert u.shape == (8, 16, 16, 3) and u.dtype == torch.uint8
+        torch.testing.assert_close(normalize_uint8(u), x, rtol=0, atol=1e-5)  # same draws, same pixels
 
 
 def test_same_seed_same_batches_and_epochs_differ(dataset_root):

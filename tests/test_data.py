@@ -15,6 +15,7 @@ from fastvit_ssl.data.torch_pipeline import (
     augment_view,
     eval_transform,
 )
+from fastvit_ssl.models.vit import normalize_uint8
 from image_fixtures import make_image_folder
 
 
@@ -48,6 +49,17 @@ def test_augmented_view_shape_range_and_determinism():
     assert a.min() >= (0 - 0.485) / 0.229 - 1e-5 and a.max() <= (1 - 0.406) / 0.225 + 1e-5
     assert torch.equal(a, augment_view(img, view, random.Random(7)))
     assert not torch.equal(a, augment_view(img, view, random.Random(8)))
+
+
+def test_uint8_views_are_the_float_views_before_normalisation(dataset_root):
+    samples, _ = scan_image_folder(dataset_root / "train")
+    batches = [
+        next(iter(TorchViewLoader(samples, moco_v3_views(16, uint8=u), 8, 0, 1, seed=0, num_workers=0)))
+        for u in (False, True)
+    ]
+    for x, u in zip(batches[0].views, batches[1].views):
+        assert u.shape == (8, 16, 16, 3) and u.dtype == torch.uint8
+        torch.testing.assert_close(normalize_uint8(u), x)
 
 
 def test_grayscale_and_solarize_rates_follow_the_recipe():

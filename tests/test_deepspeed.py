@@ -81,7 +81,8 @@ def test_deepspeed_config_is_generated_from_ours():
 
 
 def test_train_py_under_torchrun_resumes_and_consolidates(tiny_overrides, tmp_path):
-    """The user's path: train.py with engine.name=deepspeed, interrupted, resumed, then consolidated for eval."""
+    """The user's path: train.py with engine.name=deepspeed in bf16 on uint8 views (the ViT-L/H recipe), interrupted,
+    resumed, then consolidated for eval."""
     from fastvit_ssl.config import from_dict
     from fastvit_ssl.engine.consolidate import main as consolidate
     from fastvit_ssl.methods.mocov3 import build_mocov3
@@ -93,6 +94,8 @@ def test_train_py_under_torchrun_resumes_and_consolidates(tiny_overrides, tmp_pa
         *tiny_overrides,
         "engine.name=deepspeed",
         "engine.zero_stage=2",
+        "run.precision=bf16",
+        "data.uint8_views=true",
         "optim.name=lars",
         "eval.knn_every_epochs=0",
     ]

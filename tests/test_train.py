@@ -85,8 +85,9 @@ def test_batch_must_divide_over_the_processes(tiny_overrides, tmp_path):
     assert "data.batch_size=7 is the global batch and must divide evenly over 2 processes" in result.stderr
 
 
-def test_tiny_run_with_the_dali_backend(tiny_overrides):
+@pytest.mark.parametrize("uint8_views", [False, True])
+def test_tiny_run_with_the_dali_backend(tiny_overrides, uint8_views):
     pytest.importorskip("nvidia.dali")
-    summary = train.main([*tiny_overrides, "data.backend=dali", "eval.knn_every_epochs=0"])
+    summary = train.main([*tiny_overrides, "data.backend=dali", f"data.uint8_views={uint8_views}"])
     assert summary["steps"] == 6 and summary["knn_top1_pretrained"] >= 0
     assert all(torch.isfinite(torch.tensor(v)) for v in losses(Path(summary["run_dir"])).values())

@@ -3,7 +3,8 @@ import math
 import pytest
 import torch
 
-from fastvit_ssl.models.vit import ARCH_SPECS, VisionTransformer, sincos_pos_embed
+from fastvit_ssl.data.augment import IMAGENET_MEAN, IMAGENET_STD
+from fastvit_ssl.models.vit import ARCH_SPECS, Fp32BatchNorm2d, VisionTransformer, sincos_pos_embed
 
 
 @pytest.mark.parametrize(
@@ -86,9 +87,37 @@ def test_conv_stem():
     assert len(model.blocks) == 11
 
 
+def test_conv_stem_batch_norm_is_batch_norm_and_runs_on_deepspeed_bf16_storage():
+    torch.manual_seed(0)
+    ours, theirs = Fp32BatchNorm2d(4), torch.nn.BatchNorm2d(4)
+    torch.nn.init.normal_(ours.weight), torch.nn.init.normal_(ours.bias)
+    theirs.load_state_dict(ours.state_dict())
+    for _ in range(2):
+        x = torch.randn(3, 4, 5, 5) * 2 + 1
+        torch.testing.assert_close(ours(x), theirs(x))
+    torch.testing.assert_close(ours.running_var, theirs.running_var)
+    ours.eval(), theirs.eval()
+    torch.testing.assert_close(ours(x), theirs(x))
+    ours.weight.data, ours.bias.data = ours.weight.data.bfloat16(), ours.bias.data.bfloat16()  # DeepSpeed's layout
+    y = ours(x.bfloat16())
+    assert y.dtype == torch.bfloat16 and ours.running_mean.dtype == torch.float32
+    torch.testing.assert_close(y.float(), theirs(x.bfloat16().float()), rtol=2**-7, atol=2**-7 * 4)
+
+
 def test_wrong_image_size_is_a_clear_error():
     model = VisionTransformer("vit_demo", 14)
-    with pytest.raises(ValueError, match="expected 14x14 images, got \\(28, 28\\)"):
+    with pytest.raises(ValueError, match="expected 14x14 images \\(\\[B, C, H, W\\]\\), got shape \\(1, 3, 28, 28\\)"):
         model(torch.randn(1, 3, 28, 28))
+    with pytest.raises(ValueError, match="uint8"):
+        model(torch.zeros(1, 3, 14, 14, dtype=torch.uint8))  # uint8 comes channels-last
     with pytest.raises(ValueError, match="not a multiple"):
         VisionTransformer("vit_demo", 15)
+
+
+@pytest.mark.parametrize("arch, size", [("vit_demo", 14), ("vit_conv_small", 32)])
+def test_uint8_channels_last_images_are_normalised_inside(arch, size):
+    model = VisionTransformer(arch, size).eval()
+    u = torch.randint(0, 256, (3, size, size, 3), dtype=torch.uint8)
+    mean, std = torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1), torch.tensor(IMAGENET_STD).view(1, 3, 1, 1)
+    x = (u.permute(0, 3, 1, 2).double() / 255 - mean) / std  # what the pipelines hand over without uint8_views
+    torch.testing.assert_close(model(u), model(x.float()), rtol=1e-5, atol=1e-5)

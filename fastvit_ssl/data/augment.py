@@ -34,13 +34,14 @@ class ViewAugment:
     solarize_threshold: int = 128  # pixels >= threshold (of 255) are inverted
     mean: tuple[float, float, float] = IMAGENET_MEAN
     std: tuple[float, float, float] = IMAGENET_STD
+    uint8: bool = False  # hand over [size, size, 3] uint8 instead: the encoder normalises (data.uint8_views)
 
 
-def moco_v3_views(size: int, min_scale: float = 0.08, num_views: int = 2) -> list[ViewAugment]:
+def moco_v3_views(size: int, min_scale: float = 0.08, num_views: int = 2, uint8: bool = False) -> list[ViewAugment]:
     """The recipe's views; beyond two, views alternate between the two kinds."""
     kinds = [
-        ViewAugment(size, min_scale, blur_prob=1.0, solarize_prob=0.0),
-        ViewAugment(size, min_scale, blur_prob=0.1, solarize_prob=0.2),
+        ViewAugment(size, min_scale, blur_prob=1.0, solarize_prob=0.0, uint8=uint8),
+        ViewAugment(size, min_scale, blur_prob=0.1, solarize_prob=0.2, uint8=uint8),
     ]
     return [kinds[i % 2] for i in range(num_views)]
 

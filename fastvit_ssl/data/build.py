@@ -36,7 +36,7 @@ def resolve_root(cfg: Config) -> Path:
 def build_train_data(cfg: Config, root: Path, device: torch.device):
     """(loader of this rank's share of every global batch, the [(path, label)] of root/train, class names): Pillow +
     torch or DALI, ImageFolder tree or webdataset shards (root/train/*.tar, DALI only; no samples, no classes)."""
-    views = moco_v3_views(cfg.model.img_size, cfg.data.min_scale)
+    views = moco_v3_views(cfg.model.img_size, cfg.data.min_scale, uint8=cfg.data.uint8_views)
     tars = sorted(str(p) for p in (root / "train").glob("*.tar"))
     use_dali = cfg.data.backend == "dali" or (cfg.data.backend == "auto" and dali_available())
     if use_dali and not dali_available():

@@ -40,7 +40,8 @@ def dali_available() -> bool:
 
 
 def augment(images, view: ViewAugment):
-    """One view of a batch of decoded HWC uint8 images, in the recipe's order; returns normalised float CHW."""
+    """One view of a batch of decoded HWC uint8 images, in the recipe's order; returns normalised float CHW, or
+    uint8 HWC for view.uint8 (the encoder normalises)."""
     from nvidia.dali import fn, types
 
     x = fn.random_resized_crop(
@@ -72,9 +73,12 @@ def augment(images, view: ViewAugment):
     if fn.random.coin_flip(probability=view.solarize_prob):
         bright = x >= view.solarize_threshold
         x = fn.cast(bright * (255 - x) + (bright ^ True) * x, dtype=types.UINT8)
+    mirror = fn.random.coin_flip(probability=view.flip_prob)
+    if view.uint8:
+        return fn.crop_mirror_normalize(x, mirror=mirror, dtype=types.UINT8, output_layout="HWC")
     return fn.crop_mirror_normalize(
         x,
-        mirror=fn.random.coin_flip(probability=view.flip_prob),
+        mirror=mirror,
         dtype=types.FLOAT,
         output_layout="CHW",
         mean=[255 * m for m in view.mean],

@@ -20,7 +20,7 @@ from fastvit_ssl.data.folder import DataError, first_readable
 
 @dataclass
 class Batch:
-    views: list[torch.Tensor]  # each [B, 3, S, S], normalised float
+    views: list[torch.Tensor]  # each [B, 3, S, S] normalised float, or [B, S, S, 3] uint8 (ViewAugment.uint8)
     labels: torch.Tensor  # [B] class index (unused by pre-training, kept for monitors)
     skipped: int  # unreadable files replaced in this batch
 
@@ -51,7 +51,8 @@ def to_normalized_tensor(img: Image.Image, mean=IMAGENET_MEAN, std=IMAGENET_STD)
 
 
 def augment_view(img: Image.Image, view: ViewAugment, rng: random.Random) -> torch.Tensor:
-    """RGB image -> [3, size, size] in the official order: crop, jitter, grayscale, blur, solarize, flip."""
+    """RGB image -> [3, size, size] normalised (or [size, size, 3] uint8) in the official order: crop, jitter,
+    grayscale, blur, solarize, flip."""
     left, top, w, h = sample_crop(img.width, img.height, view, rng)
     img = img.resize((view.size, view.size), Image.BILINEAR, box=(left, top, left + w, top + h))
     if rng.random() < view.jitter_prob:
@@ -64,6 +65,8 @@ def augment_view(img: Image.Image, view: ViewAugment, rng: random.Random) -> tor
         img = ImageOps.solarize(img, view.solarize_threshold)
     if rng.random() < view.flip_prob:
         img = ImageOps.mirror(img)
+    if view.uint8:
+        return torch.from_numpy(np.asarray(img, dtype=np.uint8).copy())  # (size, size, 3)
     return to_normalized_tensor(img, view.mean, view.std)
 
 

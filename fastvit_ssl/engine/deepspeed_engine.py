@@ -61,7 +61,7 @@ class DeepSpeedEngine:
         x1, x2 = (v.to(self.device, non_blocking=True) for v in views[:2])
         for group in self.optimizer.param_groups:
             group["lr"] = lr
-        q1, q2 = self.ds(x1.to(self.dtype), x2.to(self.dtype))
+        q1, q2 = self.ds(*(x.to(self.dtype) if x.is_floating_point() else x for x in (x1, x2)))  # uint8 stays
         self.update_momentum_encoder(momentum)  # from the weights of the previous step, as the official code
         loss = self.model.loss(q1.float(), q2.float(), *self.model.keys(x1, x2))
         if poison:

@@ -15,12 +15,14 @@ from torch.utils.data import DataLoader
 def extract_features(
     encoder: nn.Module, loader: DataLoader, device: torch.device, normalize: bool = True
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Encoder features [N, D] (L2-normalised unless normalize=False) and labels [N], in eval mode."""
+    """Encoder features [N, D] (L2-normalised unless normalize=False) and labels [N], in eval mode; images go in
+    the encoder's storage dtype (bf16 weights under DeepSpeed), features come out fp32."""
     was_training = encoder.training
     encoder.eval()
+    dtype = next(encoder.parameters()).dtype
     feats, labels = [], []
     for images, y in loader:
-        f = encoder(images.to(device)).float()
+        f = encoder(images.to(device, dtype)).float()
         feats.append((F.normalize(f, dim=1) if normalize else f).cpu())
         labels.append(y)
     encoder.train(was_training)

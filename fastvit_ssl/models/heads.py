@@ -24,26 +24,38 @@ class _AllReduceSum(torch.autograd.Function):
 
 
 class GlobalBatchNorm1d(nn.BatchNorm1d):
-    """BatchNorm1d whose batch statistics cover the global batch of all ranks (sync-BN).
+    """BatchNorm1d whose batch statistics cover the global batch of all ranks (sync-BN), computed in fp32.
 
     torch's SyncBatchNorm only runs on GPUs; this one all-reduces through autograd, so it also runs with gloo on
-    CPUs, and single-process it is exactly BatchNorm1d. Two passes (mean, then centred squares) keep the variance
-    as accurate as BatchNorm1d's.
+    CPUs, and single-process it computes what BatchNorm1d does. Two passes (mean, then centred squares) keep the
+    variance as accurate as BatchNorm1d's. Whatever the input's and the parameters' storage (bf16 parameters with
+    fp32 running statistics under DeepSpeed), statistics and normalisation run in fp32, as autocast runs BN, and the
+    output has the input's dtype.
     """
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if not (self.training and dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
-            return super().forward(x)
-        count = x.shape[0] * dist.get_world_size()
-        mean = _AllReduceSum.apply(x.sum(dim=0)) / count  # (C,)
-        var = _AllReduceSum.apply((x - mean).square().sum(dim=0)) / count  # biased, as used for normalising
-        if self.track_running_stats:
-            with torch.no_grad():
-                self.num_batches_tracked.add_(1)
-                self.running_mean.lerp_(mean, self.momentum)
-                self.running_var.lerp_(var * count / max(count - 1, 1), self.momentum)
-        y = (x - mean) * torch.rsqrt(var + self.eps)
-        return y * self.weight + self.bias if self.affine else y
+        x32 = x.float()  # (N, C)
+        if self.training or not self.track_running_stats:
+            world = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+            all_sum = _AllReduceSum.apply if world > 1 else lambda t: t
+            count = x.shape[0] * world
+            mean = all_sum(x32.sum(dim=0)) / count  # (C,)
+            var = all_sum((x32 - mean).square().sum(dim=0)) / count  # biased, as used for normalising
+            if self.training and self.track_running_stats:
+                self._update_running_stats(mean.detach(), var.detach() * count / max(count - 1, 1))
+        else:
+            mean, var = self.running_mean.float(), self.running_var.float()
+        y = (x32 - mean) * torch.rsqrt(var + self.eps)
+        if self.affine:
+            y = y * self.weight.float() + self.bias.float()
+        return y.to(x.dtype)
+
+    @torch.no_grad()
+    def _update_running_stats(self, mean: torch.Tensor, unbiased_var: torch.Tensor) -> None:
+        self.num_batches_tracked.add_(1)
+        momentum = self.momentum if self.momentum is not None else 1.0 / self.num_batches_tracked.item()
+        self.running_mean.lerp_(mean.to(self.running_mean.dtype), momentum)
+        self.running_var.lerp_(unbiased_var.to(self.running_var.dtype), momentum)
 
 
 def build_mlp(num_layers: int, in_dim: int, hidden_dim: int, out_dim: int, last_bn: bool = True) -> nn.Sequential:

@@ -13,6 +13,8 @@ import torch.nn.functional as F
 import torch.utils.checkpoint
 from torch import nn
 
+from fastvit_ssl.data.augment import IMAGENET_MEAN, IMAGENET_STD
+
 
 @dataclass(frozen=True)
 class ArchSpec:
@@ -66,6 +68,21 @@ class PatchEmbed(nn.Module):
         return self.proj(x).flatten(2).transpose(1, 2)  # (B, D, h, w) -> (B, L, D)
 
 
+class Fp32BatchNorm2d(nn.BatchNorm2d):
+    """BatchNorm2d computed in fp32 and returned in the input's dtype, whatever the storage: under DeepSpeed's bf16
+    the weights are bf16 while the running statistics stay fp32, a mix torch's batch_norm refuses."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        momentum = self.momentum or 0.0
+        if self.training and self.track_running_stats:
+            self.num_batches_tracked.add_(1)
+            momentum = self.momentum if self.momentum is not None else 1.0 / self.num_batches_tracked.item()
+        weight, bias = (self.weight.float(), self.bias.float()) if self.affine else (None, None)
+        batch_stats = self.training or not self.track_running_stats
+        y = F.batch_norm(x.float(), self.running_mean, self.running_var, weight, bias, batch_stats, momentum, self.eps)
+        return y.to(x.dtype)
+
+
 class ConvStem(nn.Module):
     """Four 3x3 stride-2 convs with BN + ReLU (16x down-sampling), then a 1x1 conv to embed_dim."""
 
@@ -78,7 +95,7 @@ class ConvStem(nn.Module):
         for _ in range(4):
             layers += [
                 nn.Conv2d(width_in, width, 3, stride=2, padding=1, bias=False),
-                nn.BatchNorm2d(width),
+                Fp32BatchNorm2d(width),
                 nn.ReLU(inplace=True),
             ]
             width_in, width = width, width * 2
@@ -121,6 +138,13 @@ def drop_path(x: torch.Tensor, rate: float, training: bool) -> torch.Tensor:
         return x
     keep = torch.rand(x.shape[0], *([1] * (x.ndim - 1)), device=x.device) >= rate  # (B, 1, 1)
     return x * keep.to(x.dtype) / (1.0 - rate)
+
+
+def normalize_uint8(images: torch.Tensor) -> torch.Tensor:
+    """[B, H, W, 3] uint8 -> [B, 3, H, W] float32 (u / 255 - mean) / std, the pipelines' normalisation."""
+    mean = torch.tensor(IMAGENET_MEAN, device=images.device).view(1, 3, 1, 1)
+    std = torch.tensor(IMAGENET_STD, device=images.device).view(1, 3, 1, 1)
+    return (images.permute(0, 3, 1, 2).float() / 255 - mean) / std
 
 
 class Block(nn.Module):
@@ -201,21 +225,37 @@ class VisionTransformer(nn.Module):
             proj.bias.requires_grad_(not freeze_patch_embed)
 
     def embed_tokens(self, images: torch.Tensor) -> torch.Tensor:
-        """[B, C, H, W] -> [B, 1 + L, D]: patch projection, class token prepended, position embedding added."""
+        """-> [B, 1 + L, D]: patch projection, class token prepended, position embedding added.
+
+        images: [B, C, H, W] normalised float, or [B, H, W, C] uint8 as the loaders hand them over with
+        data.uint8_views (normalised here with the pipelines' mean and std; inside the fused kernel when it is on).
+        """
+        uint8 = images.dtype == torch.uint8
         size = self.patch_embed.img_size
-        if images.shape[-2:] != (size, size):
-            raise ValueError(f"expected {size}x{size} images, got {tuple(images.shape[-2:])}")
+        if (images.shape[1:3] if uint8 else images.shape[-2:]) != (size, size):
+            layout = "[B, H, W, C] uint8" if uint8 else "[B, C, H, W]"
+            raise ValueError(f"expected {size}x{size} images ({layout}), got shape {tuple(images.shape)}")
         if self.patch_embed_fn is not None:
             proj = self.patch_embed.proj
             return self.patch_embed_fn(
-                images, proj.weight, proj.bias, self.pos_embed, self.patch_embed.patch_size, self.cls_token
+                images,
+                proj.weight,
+                proj.bias,
+                self.pos_embed,
+                self.patch_embed.patch_size,
+                self.cls_token,
+                mean=IMAGENET_MEAN,
+                std=IMAGENET_STD,
             )
+        if uint8:
+            images = normalize_uint8(images).to(self.cls_token.dtype)
         x = self.patch_embed(images)
         x = torch.cat([self.cls_token.expand(x.shape[0], -1, -1), x], dim=1)
         return x + self.pos_embed
 
     def forward_tokens(self, images: torch.Tensor) -> torch.Tensor:
-        """[B, C, H, W] -> [B, 1 + L, D] after all blocks (and the final norm for token pooling)."""
+        """images (as embed_tokens takes them) -> [B, 1 + L, D] after all blocks (and the final norm for token
+        pooling)."""
         x = self.embed_tokens(images)
         for block in self.blocks:
             if self.grad_checkpointing and torch.is_grad_enabled():  # keep block inputs only; recompute in backward

@@ -24,14 +24,17 @@ def micro_arch(monkeypatch):
     return ["model.arch=vit_micro", "model.img_size=14", "moco.dim=16", "moco.mlp_dim=64"]
 
 
-def test_fused_patch_embedding_gives_the_same_vit(micro_arch, device):
+@pytest.mark.parametrize("uint8", [False, True], ids=["float-nchw", "uint8-nhwc"])
+def test_fused_patch_embedding_gives_the_same_vit(micro_arch, uint8, device):
     torch.manual_seed(0)
     ref = vit.VisionTransformer("vit_micro", 14, frozen_patch_embed=False).to(device)
     fused = vit.VisionTransformer("vit_micro", 14, frozen_patch_embed=False, patch_embed_fn=fused_ops().patch_embed)
     fused.to(device).load_state_dict(ref.state_dict())
-    x = torch.randn(3, 3, 14, 14, device=device)
-    torch.testing.assert_close(fused(x), ref(x), rtol=1e-5, atol=1e-5)
-    fused(x).sum().backward()
+    u = torch.randint(0, 256, (3, 14, 14, 3), dtype=torch.uint8, device=device)
+    x = vit.normalize_uint8(u) if uint8 else torch.randn(3, 3, 14, 14, device=device)
+    fused_input = u if uint8 else x  # uint8: the kernel normalises while it gathers the patches
+    torch.testing.assert_close(fused(fused_input), ref(x), rtol=1e-5, atol=1e-5)
+    fused(fused_input).sum().backward()
     ref(x).sum().backward()
     torch.testing.assert_close(
         fused.patch_embed.proj.weight.grad, ref.patch_embed.proj.weight.grad, rtol=1e-4, atol=1e-5
