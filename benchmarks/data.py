@@ -1,4 +1,5 @@
-"""Images per second of each data backend: decode + the two MoCo v3 views at 224^2, this process alone.
+"""Images per second of each data backend and output (normalised float, or uint8 for data.uint8_views): decode +
+the two MoCo v3 views at 224^2, this process alone.
 
     python benchmarks/data.py                          # generated 500x375 JPEGs, 2 workers / threads
     python benchmarks/data.py --root /data/imagenet/train --threads 8 --out benchmarks/results/data-<machine>.csv
@@ -62,15 +63,18 @@ def main(argv=None) -> list[dict]:
     with tempfile.TemporaryDirectory() as tmp:
         root = args.root or generate_jpegs(Path(tmp), args.images)
         samples, _ = scan_image_folder(root)
-        views = moco_v3_views(args.size)
         device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-        loaders = {"torch (Pillow)": TorchViewLoader(samples, views, args.batch, 0, 1, 0, args.threads)}
-        if dali_available():
-            name = "DALI (GPU decode)" if device.type == "cuda" else "DALI (CPU only)"
-            loaders[name] = DaliViewLoader(samples, views, args.batch, 0, args.threads, device)
+        loaders = {}
+        for output in ("float", "uint8"):  # normalised float CHW, or uint8 HWC (data.uint8_views)
+            views = moco_v3_views(args.size, uint8=output == "uint8")
+            loaders["torch (Pillow)", output] = TorchViewLoader(samples, views, args.batch, 0, 1, 0, args.threads)
+            if dali_available():
+                name = "DALI (GPU decode)" if device.type == "cuda" else "DALI (CPU only)"
+                loaders[name, output] = DaliViewLoader(samples, views, args.batch, 0, args.threads, device)
         rows = [
             {
                 "backend": name,
+                "output": output,
                 "images_per_second": round(images_per_second(loader, args.batches), 1),
                 "threads": args.threads,
                 "batch": args.batch,
@@ -80,12 +84,12 @@ def main(argv=None) -> list[dict]:
                 "commit": runinfo.git_commit(),
                 "date": datetime.date.today().isoformat(),
             }
-            for name, loader in loaders.items()
+            for (name, output), loader in loaders.items()
         ]
     for row in rows:
         print(
-            f"{row['backend']:<20} {row['images_per_second']:>8.1f} img/s  ({row['threads']} threads, "
-            f"{row['views']} views of {row['size']}^2, {row['device']})"
+            f"{row['backend']:<20} {row['output']:<6} {row['images_per_second']:>8.1f} img/s  "
+            f"({row['threads']} threads, {row['views']} views of {row['size']}^2, {row['device']})"
         )
     if args.out:
         write_rows(rows, args.out)
