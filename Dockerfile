@@ -9,9 +9,13 @@ ARG COMMIT=unknown
 ENV DEBIAN_FRONTEND=noninteractive PYTHONUNBUFFERED=1 PIP_NO_CACHE_DIR=1 \
     VIRTUAL_ENV=/opt/venv PATH=/opt/venv/bin:$PATH FASTVIT_SSL_COMMIT=$COMMIT
 
-RUN apt-get update && apt-get install -y --no-install-recommends python3.12 python3.12-venv python3.12-dev git \
+# Python 3.11, the project's version (the one its CPU tests and benchmarks ran on), from the deadsnakes archive:
+# Ubuntu 24.04 itself ships 3.12 only.
+RUN apt-get update && apt-get install -y --no-install-recommends software-properties-common gpg-agent \
+    && add-apt-repository -y ppa:deadsnakes/ppa && apt-get update \
+    && apt-get install -y --no-install-recommends python3.11 python3.11-venv python3.11-dev git \
         build-essential ninja-build libaio-dev && rm -rf /var/lib/apt/lists/* \
-    && python3.12 -m venv /opt/venv
+    && python3.11 -m venv /opt/venv
 
 # The pins: what this image was built and tested with (tests/test_dockerfile.py keeps them inside setup.py's bounds).
 RUN pip install torch==2.13.0 triton==3.9.0 \

@@ -30,8 +30,11 @@ def test_every_pinned_package_satisfies_setup_py():
     assert checked >= 4
 
 
-@pytest.mark.parametrize("needle", ["USER trainer", "WORKDIR /workspace/fastvit_ssl", "pip install --no-deps -e ."])
-def test_image_runs_the_project_as_a_user(needle):
+@pytest.mark.parametrize(
+    "needle",
+    ["python3.11 -m venv /opt/venv", "USER trainer", "WORKDIR /workspace/fastvit_ssl", "pip install --no-deps -e ."],
+)
+def test_image_runs_the_project_on_python_3_11_as_a_user(needle):
     assert needle in (REPO / "Dockerfile").read_text()
 
 
