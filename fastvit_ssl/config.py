@@ -253,7 +253,8 @@ def to_deepspeed(cfg: Config, world_size: int) -> dict[str, Any]:
         "train_batch_size": cfg.data.batch_size,
         "train_micro_batch_size_per_gpu": cfg.data.batch_size // world_size,
         "gradient_accumulation_steps": 1,
-        "bf16": {"enabled": cfg.run.precision == "bf16"},
+        # ZeRO skips an update whose gradients are not finite; explicit, the engine reports it to the NaN guard
+        "bf16": {"enabled": cfg.run.precision == "bf16", "check_grad_overflow": True},
         "zero_optimization": {"stage": cfg.engine.zero_stage},
         "gradient_clipping": cfg.optim.clip_grad,  # always explicit: DeepSpeed's default (1.0) would clip silently
         "zero_allow_untested_optimizer": True,  # LARS/LAMB: ZeRO-correct through optim/trust_ratio.py

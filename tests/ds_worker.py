@@ -48,8 +48,14 @@ def full_weights(engine) -> dict[str, torch.Tensor]:
     return {k: safe_get_full_fp32_param(p).detach().clone() for k, p in trained}
 
 
-def make_engine(kind: str, optimizer: str, stage: int, layout: bool = True):
-    cfg = load(None, [*BASE, f"optim.name={optimizer}", f"engine.name={kind}", f"engine.zero_stage={stage}"])
+def make_engine(kind: str, optimizer: str, stage: int, layout: bool = True, precision: str = "fp32"):
+    overrides = [
+        f"optim.name={optimizer}",
+        f"engine.name={kind}",
+        f"engine.zero_stage={stage}",
+        f"run.precision={precision}",
+    ]
+    cfg = load(None, [*BASE, *overrides])
     torch.manual_seed(0)
     model = build_mocov3(cfg)
     if kind == "local":
@@ -84,7 +90,25 @@ def experiments(kind: str, tmp: Path) -> dict:
             "losses": first + train(resumed, "lars", range(2, STEPS)),
             "weights": full_weights(resumed),
         }
+        results["adamw-zero2-bf16-nan-gradient"] = nan_gradient_step(make_engine(kind, "adamw", 2, precision="bf16")[0])
     return results
+
+
+def nan_gradient_step(engine) -> dict:
+    """Two bf16 steps, then one whose loss is finite but one weight's gradient is NaN, then a normal step."""
+    first = train(engine, "adamw", range(2))
+    before = full_weights(engine)
+    weight = engine.model.online.base_encoder.blocks[0].mlp.fc1.weight
+    hook = weight.register_hook(lambda grad: grad * float("nan"))
+    metrics, finite = engine.step(views(2), LR["adamw"], momentum=0.99)
+    hook.remove()
+    changed = max((full_weights(engine)[k] - before[k]).abs().max().item() for k in before)
+    return {
+        "losses": first + [metrics["loss"].item()] + train(engine, "adamw", range(3, 4)),
+        "finite": finite,
+        "grad_norm": metrics["grad_norm"].item(),
+        "changed": changed,
+    }
 
 
 if __name__ == "__main__":

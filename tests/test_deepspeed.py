@@ -2,6 +2,7 @@
 process on the same global batch. The first run of a fresh environment JIT-builds DeepSpeed's shared-memory op
 (about 40 s); TORCH_EXTENSIONS_DIR keeps it for the rest of the session."""
 
+import math
 import os
 import subprocess
 import sys
@@ -62,6 +63,14 @@ def test_per_shard_trust_ratios_would_be_wrong(results):
     """The control: the same LARS without the ZeRO layout computes ratios over whole shards."""
     naive, reference = results[0]["lars-zero2-per-shard"]["weights"], results[1]["lars-zero0"]["weights"]
     assert max_diff(naive, reference) > 1.0
+
+
+def test_a_non_finite_gradient_in_bf16_changes_nothing_and_is_reported(results):
+    """The loss is finite, one weight's gradient is NaN: ZeRO skips the update, the engine tells the NaN guard."""
+    run = results[0]["adamw-zero2-bf16-nan-gradient"]
+    assert run["finite"] is False and not math.isfinite(run["grad_norm"])
+    assert run["changed"] == 0.0  # no weight moved, not even those with finite gradients
+    assert all(math.isfinite(loss) for loss in run["losses"])  # and the next step trains normally
 
 
 def test_save_load_continue_equals_uninterrupted(results):

@@ -57,7 +57,8 @@ class DeepSpeedEngine:
 
     def step(self, views: list[torch.Tensor], lr: float, momentum: float, poison: bool = False):
         """One training iteration on this rank's share of the global batch: (detached metrics, finite). A
-        non-finite loss skips backward and update; DeepSpeed's bf16 path has no check of the gradients themselves."""
+        non-finite loss skips backward and update; a non-finite gradient makes ZeRO skip the update itself
+        (bf16.check_grad_overflow, set explicitly) and report an infinite norm, which counts as a non-finite step."""
         x1, x2 = (v.to(self.device, non_blocking=True) for v in views[:2])
         for group in self.optimizer.param_groups:
             group["lr"] = lr
@@ -70,11 +71,9 @@ class DeepSpeedEngine:
         if finite:
             self.ds.backward(loss)
             self.ds.step()
-        grad_norm = self.ds.get_global_grad_norm() if finite else None
-        return {
-            "loss": loss.detach(),
-            "grad_norm": torch.as_tensor(float("nan") if grad_norm is None else grad_norm),
-        }, finite
+        norm = self.ds.get_global_grad_norm() if finite else None
+        grad_norm = torch.as_tensor(float("nan") if norm is None else float(norm))
+        return {"loss": loss.detach(), "grad_norm": grad_norm}, finite and bool(torch.isfinite(grad_norm))
 
     @torch.no_grad()
     def update_momentum_encoder(self, momentum: float) -> None:
