@@ -38,30 +38,41 @@ def generate_jpegs(root: Path, count: int, seed: int = 0) -> Path:
     return root
 
 
-def images_per_second(loader, batches: int) -> float:
-    loader.start(0)
-    iterator = iter(loader)
-    next(iterator)  # start-up (workers, pipeline build) is not part of the rate
+def images_per_second(loader, batches: int, warmup: int) -> float:
+    """Steady-state rate: `warmup` batches untimed (start-up, and the batches the loader queued meanwhile, which
+    would otherwise arrive for free), then `batches` timed, over as many epochs as that takes."""
+    stream = endless(loader)
+    for _ in range(warmup):
+        next(stream)
     start, seen = time.perf_counter(), 0
-    for _, batch in zip(range(batches), iterator):
-        seen += batch.views[0].shape[0]
+    for _ in range(batches):
+        seen += next(stream).views[0].shape[0]
     if torch.cuda.is_available():
         torch.cuda.synchronize()
     return seen / (time.perf_counter() - start)
 
 
+def endless(loader):
+    epoch = 0
+    while True:
+        loader.start(epoch)
+        yield from loader
+        epoch += 1
+
+
 def main(argv=None) -> list[dict]:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--root", type=Path, help="an ImageFolder tree; default: generated JPEGs")
-    parser.add_argument("--images", type=int, default=512, help="how many JPEGs to generate")
+    parser.add_argument("--images", type=int, help="how many JPEGs to generate (default: one epoch's worth)")
     parser.add_argument("--threads", type=int, default=2, help="torch loader workers / DALI threads")
     parser.add_argument("--batch", type=int, default=64)
-    parser.add_argument("--batches", type=int, default=6)
+    parser.add_argument("--warmup", type=int, default=6, help="untimed batches first (more than the loader queues)")
+    parser.add_argument("--batches", type=int, default=16, help="timed batches")
     parser.add_argument("--size", type=int, default=224)
     parser.add_argument("--out", type=Path)
     args = parser.parse_args(argv)
     with tempfile.TemporaryDirectory() as tmp:
-        root = args.root or generate_jpegs(Path(tmp), args.images)
+        root = args.root or generate_jpegs(Path(tmp), args.images or (args.warmup + args.batches + 1) * args.batch)
         samples, _ = scan_image_folder(root)
         device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
         makers = {"torch (Pillow)": lambda v: TorchViewLoader(samples, v, args.batch, 0, 1, 0, args.threads)}
@@ -76,7 +87,7 @@ def main(argv=None) -> list[dict]:
                     {
                         "backend": name,
                         "output": output,
-                        "images_per_second": round(images_per_second(make(views), args.batches), 1),
+                        "images_per_second": round(images_per_second(make(views), args.batches, args.warmup), 1),
                         "threads": args.threads,
                         "batch": args.batch,
                         "size": args.size,

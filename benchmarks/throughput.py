@@ -63,6 +63,7 @@ class Setup:
     baseline: bool
     data: Path | None = None  # an ImageFolder root (with train/); None: synthetic tensors on the device
     backend: str = "auto"
+    uint8_views: bool = False  # ours only: [B, S, S, 3] uint8 views, normalised inside the patch embedding
 
 
 def step_flops(cfg, batch: int, keys: int) -> float:
@@ -106,6 +107,8 @@ class Trainer:
             overrides += ["moco.dim=128", "moco.mlp_dim=1024"]
         if setup.data is not None:
             overrides += [f"data.root={setup.data}", f"data.backend={setup.backend}", "data.num_workers=4"]
+        if setup.uint8_views and not setup.baseline:
+            overrides.append("data.uint8_views=true")
         self.cfg = load(None, overrides)
         self.setup, self.device = setup, device
         ops = REFERENCE_OPS if setup.baseline else select_ops(setup.kernels, device)
@@ -120,7 +123,13 @@ class Trainer:
         dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(setup.precision)
         self.autocast = torch.autocast(device.type, dtype=dtype) if dtype else contextlib.nullcontext()
         self.scaler = torch.amp.GradScaler(device.type) if setup.precision == "fp16" else None
-        self.views = [torch.randn(setup.batch, 3, setup.img_size, setup.img_size, device=device) for _ in range(2)]
+        S, uint8 = setup.img_size, self.cfg.data.uint8_views
+        self.views = [
+            torch.randint(0, 256, (setup.batch, S, S, 3), dtype=torch.uint8, device=device)
+            if uint8
+            else torch.randn(setup.batch, 3, S, S, device=device)
+            for _ in range(2)
+        ]
         self.batches = self.real_batches() if setup.data is not None else None
         self.attention = ATTENTION[setup.attention]
         for group in self.optimizer.param_groups:
@@ -227,6 +236,7 @@ def row(trainer: Trainer, times: list[float], peak: float, phase_reps: int) -> d
         "kernels": "fused" if trainer.fused else "reference",
         "attention": setup.attention,
         "data": str(setup.data) if setup.data else "synthetic",
+        "views": "uint8" if trainer.cfg.data.uint8_views else "float",
         "images_per_second": round(setup.batch / median, 1),
         "step_ms": round(median * 1e3, 2),
         "step_ms_min": round(min(times) * 1e3, 2),
@@ -255,6 +265,7 @@ def main(argv=None) -> list[dict]:
     parser.add_argument("--baseline", action="store_true", help="the official MoCo v3 code's way")
     parser.add_argument("--data", type=Path, help="an ImageFolder root with train/ (default: synthetic tensors)")
     parser.add_argument("--backend", choices=["auto", "torch", "dali"], default="auto", help="with --data")
+    parser.add_argument("--uint8-views", action="store_true", help="ours takes uint8 NHWC views (data.uint8_views)")
     parser.add_argument("--compare", action="store_true", help="ours and the baseline, with their ratio")
     parser.add_argument("--suite", action="store_true", help="ViT-S/B/L, both modes, GPU batch sizes")
     parser.add_argument("--steps", type=int, default=6)
@@ -280,6 +291,7 @@ def main(argv=None) -> list[dict]:
                     baseline,
                     args.data,
                     args.backend,
+                    args.uint8_views,
                 )
             )
         rows += run(setups, device, args.steps, peak)
@@ -309,6 +321,7 @@ def print_summary(rows: list[dict]) -> None:
         "batch",
         "precision",
         "kernels",
+        "views",
         "images_per_second",
         "step_ms",
         "TFLOP/s",

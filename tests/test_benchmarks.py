@@ -1,0 +1,35 @@
+"""The benchmark scripts run end to end at toy sizes and write the rows they promise (their numbers are not
+checked: speed belongs in benchmarks/results, not in tests). A broken script would waste a lent GPU's window."""
+
+import csv
+import subprocess
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def run_script(name: str, args: list[str], out: Path) -> list[dict]:
+    command = [sys.executable, str(REPO / "benchmarks" / name), *args, "--out", str(out)]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=300, cwd=REPO)
+    assert result.returncode == 0, result.stderr[-3000:]
+    with out.open() as f:
+        return list(csv.DictReader(f))
+
+
+def test_throughput_compares_ours_on_uint8_views_with_the_baseline(tmp_path):
+    args = ["--compare", "--arch", "vit_demo", "--img-size", "28", "--batch", "8", "--steps", "1", "--uint8-views"]
+    rows = run_script("throughput.py", args, tmp_path / "throughput.csv")
+    assert [(r["mode"], r["views"]) for r in rows] == [("ours", "uint8"), ("baseline", "float")]
+    for r in rows:
+        assert float(r["images_per_second"]) > 0 and float(r["step_ms"]) > 0 and 0 < float(r["MFU"]) < 1
+        assert all(float(r[f"{phase} ms"]) >= 0 for phase in ("data", "forward", "ema", "backward", "optimizer"))
+    assert (tmp_path / "throughput.json").exists()
+
+
+def test_data_rates_each_backend_and_output(tmp_path):
+    args = ["--images", "24", "--batch", "4", "--warmup", "1", "--batches", "2", "--size", "32", "--threads", "1"]
+    rows = run_script("data.py", args, tmp_path / "data.csv")
+    outputs = {(r["backend"].split()[0], r["output"]) for r in rows}
+    assert {("torch", "float"), ("torch", "uint8")} <= outputs
+    assert all(float(r["images_per_second"]) > 0 and r["views"] == "2" for r in rows)
