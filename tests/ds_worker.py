@@ -99,10 +99,12 @@ def nan_gradient_step(engine) -> dict:
     first = train(engine, "adamw", range(2))
     before = full_weights(engine)
     weight = engine.model.online.base_encoder.blocks[0].mlp.fc1.weight
+    buffers = [b.clone() for b in engine.model.buffers()]
     hook = weight.register_hook(lambda grad: grad * float("nan"))
     metrics, finite = engine.step(views(2), LR["adamw"], momentum=0.99)
     hook.remove()
     changed = max((full_weights(engine)[k] - before[k]).abs().max().item() for k in before)
+    changed = max([changed] + [(b - a).abs().max().item() for a, b in zip(buffers, engine.model.buffers())])
     return {
         "losses": first + [metrics["loss"].item()] + train(engine, "adamw", range(3, 4)),
         "finite": finite,

@@ -69,7 +69,7 @@ def test_a_non_finite_gradient_in_bf16_changes_nothing_and_is_reported(results):
     """The loss is finite, one weight's gradient is NaN: ZeRO skips the update, the engine tells the NaN guard."""
     run = results[0]["adamw-zero2-bf16-nan-gradient"]
     assert run["finite"] is False and not math.isfinite(run["grad_norm"])
-    assert run["changed"] == 0.0  # no weight moved, not even those with finite gradients
+    assert run["changed"] == 0.0  # no weight moved, not even those with finite gradients; BN statistics restored
     assert all(math.isfinite(loss) for loss in run["losses"])  # and the next step trains normally
 
 

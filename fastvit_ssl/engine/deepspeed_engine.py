@@ -58,10 +58,12 @@ class DeepSpeedEngine:
     def step(self, views: list[torch.Tensor], lr: float, momentum: float, poison: bool = False):
         """One training iteration on this rank's share of the global batch: (detached metrics, finite). A
         non-finite loss skips backward and update; a non-finite gradient makes ZeRO skip the update itself
-        (bf16.check_grad_overflow, set explicitly) and report an infinite norm, which counts as a non-finite step."""
+        (bf16.check_grad_overflow, set explicitly) and report an infinite norm, which counts as a non-finite step.
+        Either way the BN running statistics are restored, as the local engine does."""
         x1, x2 = (v.to(self.device, non_blocking=True) for v in views[:2])
         for group in self.optimizer.param_groups:
             group["lr"] = lr
+        buffers = [b.clone() for b in self.model.buffers()]  # BN running statistics: small
         q1, q2 = self.ds(*(x.to(self.dtype) if x.is_floating_point() else x for x in (x1, x2)))  # uint8 stays
         self.update_momentum_encoder(momentum)  # from the weights of the previous step, as the official code
         loss = self.model.loss(q1.float(), q2.float(), *self.model.keys(x1, x2))
@@ -73,7 +75,10 @@ class DeepSpeedEngine:
             self.ds.step()
         norm = self.ds.get_global_grad_norm() if finite else None
         grad_norm = torch.as_tensor(float("nan") if norm is None else float(norm))
-        return {"loss": loss.detach(), "grad_norm": grad_norm}, finite and bool(torch.isfinite(grad_norm))
+        finite = finite and bool(torch.isfinite(grad_norm))
+        if not finite:
+            torch._foreach_copy_(list(self.model.buffers()), buffers)
+        return {"loss": loss.detach(), "grad_norm": grad_norm}, finite
 
     @torch.no_grad()
     def update_momentum_encoder(self, momentum: float) -> None:
