@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from launch import ENV_1_THREAD, TORCHRUN_2
+from launch import ENV_1_THREAD, TORCHRUN_2, deepspeed_launcher_2
 
 pytest.importorskip("deepspeed")
 WORKER = Path(__file__).with_name("ds_worker.py")
@@ -89,16 +89,15 @@ def test_deepspeed_config_is_generated_from_ours():
     assert ds["gradient_clipping"] == 0.0 and ds["gradient_accumulation_steps"] == 1
 
 
-def test_train_py_under_torchrun_resumes_and_consolidates(tiny_overrides, tmp_path):
-    """The user's path: train.py with engine.name=deepspeed in bf16 on uint8 views (the ViT-L/H recipe), interrupted,
-    resumed, then consolidated for eval."""
+def test_deepspeed_launcher_trains_resumes_and_consolidates(tiny_overrides, tmp_path):
+    """The user's path: `deepspeed train.py` with engine.name=deepspeed in bf16 on uint8 views (the ViT-L/H
+    recipe), interrupted, resumed, then consolidated for eval."""
     from fastvit_ssl.config import from_dict
     from fastvit_ssl.engine.consolidate import main as consolidate
     from fastvit_ssl.methods.mocov3 import build_mocov3
 
     repo = Path(__file__).resolve().parents[1]
     command = [
-        *TORCHRUN_2,
         str(repo / "train.py"),
         *tiny_overrides,
         "engine.name=deepspeed",
@@ -109,7 +108,8 @@ def test_train_py_under_torchrun_resumes_and_consolidates(tiny_overrides, tmp_pa
         "eval.knn_every_epochs=0",
     ]
     for extra in (["run.stop_at_step=4"], []):
-        result = subprocess.run([*command, *extra], capture_output=True, text=True, timeout=600, env=ENV, cwd=tmp_path)
+        launch = [*deepspeed_launcher_2(), *command, *extra]  # a fresh port each time
+        result = subprocess.run(launch, capture_output=True, text=True, timeout=600, env=ENV, cwd=tmp_path)
         assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
     assert "resumed from" in result.stdout and "(step 4)" in result.stdout
     assert "kNN top-1: random-init" in result.stdout
