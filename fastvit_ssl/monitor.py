@@ -14,6 +14,8 @@ from pathlib import Path
 
 import torch
 
+from fastvit_ssl.progress import format_seconds
+
 log = logging.getLogger(__name__)
 
 
@@ -188,9 +190,3 @@ def plot_metrics(rows: list[dict], out: Path) -> Path | None:
     fig.savefig(out, dpi=110)
     plt.close(fig)
     return out
-
-
-def format_seconds(seconds: float) -> str:
-    seconds = int(seconds)
-    h, rem = divmod(seconds, 3600)
-    return f"{h}h{rem // 60:02d}m" if h else f"{rem // 60}m{rem % 60:02d}s"

@@ -17,6 +17,7 @@ from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
 from pathlib import Path
 
 from fastvit_ssl.data.folder import IMAGE_EXTENSIONS, load_rgb
+from fastvit_ssl.progress import Progress
 
 SIGNATURES = {  # leading bytes of the formats DALI's decoders and Pillow both read
     b"\xff\xd8\xff": "jpeg",
@@ -53,8 +54,12 @@ def structural_problem(path: str) -> str | None:
 
 def quick_check(paths: list[str], threads: int = 32) -> dict[int, str]:
     """{index: reason} of the paths that fail the structural test (I/O-bound: a thread pool)."""
+    progress = Progress("structural check", len(paths), "files")
     with ThreadPoolExecutor(threads) as pool:
-        reasons = list(pool.map(structural_problem, paths, chunksize=256))
+        reasons = []
+        for reason in pool.map(structural_problem, paths, chunksize=256):
+            reasons.append(reason)
+            progress.update()
     return {i: r for i, r in enumerate(reasons) if r is not None}
 
 
@@ -78,8 +83,13 @@ def main(argv: list[str] | None = None) -> int:
     if not paths:
         print(f"error: no images ({', '.join(IMAGE_EXTENSIONS)}) under {args.root}", file=sys.stderr)
         return 1
+    progress = Progress("decoding", len(paths))
     with ProcessPoolExecutor(args.workers) as pool:
-        problems = [(p, r) for p, r in zip(paths, pool.map(decode_problem, paths, chunksize=64)) if r]
+        reasons = []
+        for reason in pool.map(decode_problem, paths, chunksize=64):
+            reasons.append(reason)
+            progress.update()
+    problems = [(p, r) for p, r in zip(paths, reasons) if r]
     for path, reason in problems:
         print(f"{path}: {reason}")
     print(f"{len(problems)} unreadable of {len(paths)} images under {args.root}", file=sys.stderr)

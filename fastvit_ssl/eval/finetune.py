@@ -35,6 +35,7 @@ from fastvit_ssl.eval.linear import topk_accuracy
 from fastvit_ssl.models.build import build_encoder
 from fastvit_ssl.models.vit import VisionTransformer
 from fastvit_ssl.optim.schedules import learning_rate
+from fastvit_ssl.progress import Progress
 
 
 @dataclass
@@ -144,6 +145,7 @@ def finetune(
     lr = recipe.base_lr * recipe.batch / 256
     optimizer = torch.optim.AdamW(param_groups(model, recipe, lr), lr=lr, betas=(0.9, 0.999))
     rng, step, losses = np.random.default_rng(recipe.seed), 0, []
+    progress = Progress("fine-tuning", recipe.epochs * len(loader) * recipe.batch)
     for epoch in range(recipe.epochs):
         dataset.epoch = epoch
         model.train()
@@ -160,6 +162,7 @@ def finetune(
             optimizer.step()
             losses.append(loss.item())
             step += 1
+            progress.update(recipe.batch, f"epoch {step / len(loader):.2f} loss {np.mean(losses[-20:]):.4f}")
     return {**evaluate(model, root, classes, device), "first_loss": losses[0], "last_loss": float(np.mean(losses[-5:]))}
 
 

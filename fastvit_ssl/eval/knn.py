@@ -10,6 +10,8 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader
 
+from fastvit_ssl.progress import Progress
+
 
 @torch.no_grad()
 def extract_features(
@@ -21,10 +23,12 @@ def extract_features(
     encoder.eval()
     dtype = next(encoder.parameters()).dtype
     feats, labels = [], []
+    progress = Progress("features", len(loader.dataset))
     for images, y in loader:
         f = encoder(images.to(device, dtype)).float()
         feats.append((F.normalize(f, dim=1) if normalize else f).cpu())
         labels.append(y)
+        progress.update(len(y))
     encoder.train(was_training)
     return torch.cat(feats), torch.cat(labels)
 
