@@ -114,10 +114,21 @@ def test_weights_of_another_architecture_are_refused_with_the_mismatch_named():
 def test_finetuning_lowers_the_loss(dataset_root):
     torch.manual_seed(0)
     encoder = VisionTransformer("vit_demo", 14, frozen_patch_embed=False, drop_path_rate=0.1)
-    recipe = finetune.Recipe(epochs=6, batch=8, base_lr=0.03, warmup_epochs=1, mixup=0.0, cutmix=0.0)
+    lightly = {"mixup": 0.0, "cutmix": 0.0, "randaug_ops": 0, "erase_prob": 0.0}  # 24 images, 6 epochs: fit them
+    recipe = finetune.Recipe(epochs=6, batch=8, base_lr=0.03, warmup_epochs=1, **lightly)
     result = finetune.finetune(encoder, dataset_root, recipe, CPU, num_workers=0)
     assert result["last_loss"] < result["first_loss"] - 0.1
     assert 0 <= result["finetune_top1"] <= result["finetune_top5"] <= 100
+
+
+def test_finetuning_images_follow_the_recipe_and_the_epoch(dataset_root):
+    samples, _ = scan_image_folder(dataset_root / "train")
+    images = finetune.AugmentedImages(samples, 14, finetune.Recipe(erase_prob=1.0))
+    x, label = images[3]
+    assert x.shape == (3, 14, 14) and x.dtype == torch.float32 and label == samples[3][1]
+    assert torch.equal(x, images[3][0])  # seeded by (seed, epoch, index)
+    images.epoch = 1
+    assert not torch.equal(x, images[3][0])
 
 
 def test_mixup_and_cutmix_keep_targets_distributions():

@@ -51,8 +51,16 @@ def to_normalized_tensor(img: Image.Image, mean=IMAGENET_MEAN, std=IMAGENET_STD)
 
 
 def augment_view(img: Image.Image, view: ViewAugment, rng: random.Random) -> torch.Tensor:
-    """RGB image -> [3, size, size] normalised (or [size, size, 3] uint8) in the official order: crop, jitter,
-    grayscale, blur, solarize, flip."""
+    """RGB image -> [3, size, size] normalised (or [size, size, 3] uint8, ViewAugment.uint8)."""
+    img = augment_image(img, view, rng)
+    if view.uint8:
+        return torch.from_numpy(np.asarray(img, dtype=np.uint8).copy())  # (size, size, 3)
+    return to_normalized_tensor(img, view.mean, view.std)
+
+
+def augment_image(img: Image.Image, view: ViewAugment, rng: random.Random) -> Image.Image:
+    """RGB image -> RGB image of the view's size, in the official order: crop, jitter, grayscale, blur, solarize,
+    flip."""
     left, top, w, h = sample_crop(img.width, img.height, view, rng)
     img = img.resize((view.size, view.size), Image.BILINEAR, box=(left, top, left + w, top + h))
     if rng.random() < view.jitter_prob:
@@ -65,9 +73,7 @@ def augment_view(img: Image.Image, view: ViewAugment, rng: random.Random) -> tor
         img = ImageOps.solarize(img, view.solarize_threshold)
     if rng.random() < view.flip_prob:
         img = ImageOps.mirror(img)
-    if view.uint8:
-        return torch.from_numpy(np.asarray(img, dtype=np.uint8).copy())  # (size, size, 3)
-    return to_normalized_tensor(img, view.mean, view.std)
+    return img
 
 
 def eval_transform(img: Image.Image, size: int) -> torch.Tensor:

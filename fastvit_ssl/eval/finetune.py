@@ -5,7 +5,8 @@ mixup / cutmix, label smoothing, linear warm-up then cosine.
     python -m fastvit_ssl.eval.finetune --timm-weights deit_small.safetensors --arch vit_small --data ROOT
         (timm / DeiT layout weights; --arch and --img-size say what they are)
 
-Training images get a random resized crop and a flip (the recipe's RandAugment and random erasing are left out).
+Training images get DeiT's augmentations: random resized crop, flip, RandAugment (2 ops, magnitude 9, std 0.5) and
+random erasing (p = 0.25), then mixup or cutmix per batch.
 """
 
 from __future__ import annotations
@@ -28,7 +29,8 @@ from fastvit_ssl.config import load
 from fastvit_ssl.data.augment import ViewAugment
 from fastvit_ssl.data.build import resolve_root
 from fastvit_ssl.data.folder import first_readable, scan_image_folder
-from fastvit_ssl.data.torch_pipeline import EvalDataset, augment_view
+from fastvit_ssl.data.randaugment import rand_augment, random_erase
+from fastvit_ssl.data.torch_pipeline import EvalDataset, augment_image, to_normalized_tensor
 from fastvit_ssl.eval.encoder import load_encoder, random_encoder
 from fastvit_ssl.eval.export import from_timm_state_dict
 from fastvit_ssl.eval.linear import topk_accuracy
@@ -49,6 +51,9 @@ class Recipe:
     mixup: float = 0.8  # Beta(alpha, alpha) mixing of whole images
     cutmix: float = 1.0  # Beta(alpha, alpha) area of a pasted box; each batch uses one of the two
     smoothing: float = 0.1
+    randaug_ops: int = 2  # RandAugment "rand-m9-mstd0.5-inc1": 2 operations at magnitude ~N(9, 0.5) of 10
+    randaug_m: float = 9.0
+    erase_prob: float = 0.25  # random erasing
     warmup_epochs: float = 5
     seed: int = 0
 
@@ -65,10 +70,10 @@ class Classifier(nn.Module):
 
 
 class AugmentedImages(Dataset):
-    """(random resized crop + flip of an image, label)."""
+    """(image, label): random resized crop, flip, RandAugment, normalisation, random erasing (DeiT's order)."""
 
-    def __init__(self, samples, size: int, seed: int):
-        self.samples, self.seed, self.epoch = samples, seed, 0
+    def __init__(self, samples, size: int, recipe: Recipe):
+        self.samples, self.recipe, self.epoch = samples, recipe, 0
         self.view = ViewAugment(size, jitter_prob=0.0, grayscale_prob=0.0, blur_prob=0.0, solarize_prob=0.0)
 
     def __len__(self) -> int:
@@ -76,7 +81,9 @@ class AugmentedImages(Dataset):
 
     def __getitem__(self, index: int):
         img, label, _ = first_readable(self.samples, index)
-        return augment_view(img, self.view, random.Random(hash((self.seed, self.epoch, index)))), label
+        rng = random.Random(hash((self.recipe.seed, self.epoch, index)))
+        img = rand_augment(augment_image(img, self.view, rng), rng, self.recipe.randaug_ops, self.recipe.randaug_m)
+        return random_erase(to_normalized_tensor(img), rng, self.recipe.erase_prob), label
 
 
 def param_groups(model: Classifier, recipe: Recipe, lr: float) -> list[dict]:
@@ -133,7 +140,7 @@ def finetune(
     torch.manual_seed(recipe.seed)
     samples, classes = scan_image_folder(root / "train")
     model = Classifier(encoder, len(classes)).to(device)
-    dataset = AugmentedImages(samples, encoder.patch_embed.img_size, recipe.seed)
+    dataset = AugmentedImages(samples, encoder.patch_embed.img_size, recipe)
     loader = DataLoader(
         dataset,
         batch_size=recipe.batch,
