@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import sys
 import time
+from collections.abc import Iterable, Iterator
 
 
 def format_seconds(seconds: float) -> str:
@@ -15,7 +16,7 @@ def format_seconds(seconds: float) -> str:
 
 
 class Progress:
-    """`update(n)` after each chunk of work; a line such as
+    """`update(n)` after each chunk of work (or `track(items)`); a line such as
     `kNN features: 51200/1281167 images | 2210 images/s | ETA 9m17s | loss 2.31` when `every_s` has passed since
     the last line, and a last one at the end if any was printed."""
 
@@ -23,6 +24,12 @@ class Progress:
         self.what, self.total, self.unit, self.every_s = what, total, unit, every_s
         self.done, self.printed = 0, False
         self.started = self.last = time.perf_counter()
+
+    def track(self, items: Iterable) -> Iterator:
+        """The items, one update per item."""
+        for item in items:
+            yield item
+            self.update()
 
     def update(self, n: int = 1, note: str = "") -> None:
         self.done += n

@@ -14,10 +14,9 @@ def test_lines_show_count_rate_eta_and_note_then_a_final_line(capsys):
     assert lines[1].startswith("features: 4/4 images | ") and lines[1].endswith("ETA 0m00s")
 
 
-def test_short_work_stays_quiet(capsys):
+def test_short_work_stays_quiet_and_track_counts_items(capsys):
     progress = Progress("decoding", 3, unit="files")
-    for _ in range(3):
-        progress.update()
+    assert list(progress.track(iter("abc"))) == ["a", "b", "c"] and progress.done == 3
     assert capsys.readouterr().err == ""
 
 

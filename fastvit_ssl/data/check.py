@@ -56,10 +56,7 @@ def quick_check(paths: list[str], threads: int = 32) -> dict[int, str]:
     """{index: reason} of the paths that fail the structural test (I/O-bound: a thread pool)."""
     progress = Progress("structural check", len(paths), "files")
     with ThreadPoolExecutor(threads) as pool:
-        reasons = []
-        for reason in pool.map(structural_problem, paths, chunksize=256):
-            reasons.append(reason)
-            progress.update()
+        reasons = list(progress.track(pool.map(structural_problem, paths, chunksize=256)))
     return {i: r for i, r in enumerate(reasons) if r is not None}
 
 
@@ -85,10 +82,7 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     progress = Progress("decoding", len(paths))
     with ProcessPoolExecutor(args.workers) as pool:
-        reasons = []
-        for reason in pool.map(decode_problem, paths, chunksize=64):
-            reasons.append(reason)
-            progress.update()
+        reasons = list(progress.track(pool.map(decode_problem, paths, chunksize=64)))
     problems = [(p, r) for p, r in zip(paths, reasons) if r]
     for path, reason in problems:
         print(f"{path}: {reason}")
