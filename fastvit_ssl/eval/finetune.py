@@ -201,9 +201,6 @@ def main(argv: list[str] | None = None) -> dict:
     args = parser.parse_args(argv)
     recipe = Recipe(**{f: getattr(args, f) for f in vars(Recipe())})
     started = time.perf_counter()
-    if args.timm_weights:
-        from safetensors.torch import load_file
-
     trainable = {"frozen_patch_embed": False, "drop_path_rate": recipe.drop_path}
     if args.timm_weights:
         from safetensors.torch import load_file
