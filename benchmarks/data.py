@@ -21,6 +21,7 @@ from PIL import Image
 
 from fastvit_ssl import runinfo
 from fastvit_ssl.data.augment import moco_v3_views
+from fastvit_ssl.data.build import endless_batches
 from fastvit_ssl.data.dali import DaliViewLoader, dali_available
 from fastvit_ssl.data.folder import scan_image_folder
 from fastvit_ssl.data.torch_pipeline import TorchViewLoader
@@ -41,7 +42,7 @@ def generate_jpegs(root: Path, count: int, seed: int = 0) -> Path:
 def images_per_second(loader, batches: int, warmup: int) -> float:
     """Steady-state rate: `warmup` batches untimed (start-up, and the batches the loader queued meanwhile, which
     would otherwise arrive for free), then `batches` timed, over as many epochs as that takes."""
-    stream = endless(loader)
+    stream = endless_batches(loader)
     for _ in range(warmup):
         next(stream)
     start, seen = time.perf_counter(), 0
@@ -50,14 +51,6 @@ def images_per_second(loader, batches: int, warmup: int) -> float:
     if torch.cuda.is_available():
         torch.cuda.synchronize()
     return seen / (time.perf_counter() - start)
-
-
-def endless(loader):
-    epoch = 0
-    while True:
-        loader.start(epoch)
-        yield from loader
-        epoch += 1
 
 
 def main(argv=None) -> list[dict]:

@@ -35,7 +35,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from fastvit_ssl import runinfo
 from fastvit_ssl.config import load
-from fastvit_ssl.data.build import build_train_data
+from fastvit_ssl.data.build import build_train_data, endless_batches
 from fastvit_ssl.kernels.dispatch import REFERENCE_OPS, select_ops
 from fastvit_ssl.methods.mocov3 import build_mocov3
 from fastvit_ssl.models.vit import ARCH_SPECS
@@ -130,19 +130,12 @@ class Trainer:
             else torch.randn(setup.batch, 3, S, S, device=device)
             for _ in range(2)
         ]
-        self.batches = self.real_batches() if setup.data is not None else None
+        self.batches = None  # real batches of the configured pipeline (torch or DALI) over the folder, if given
+        if setup.data is not None:
+            self.batches = endless_batches(build_train_data(self.cfg, setup.data, device)[0])
         self.attention = ATTENTION[setup.attention]
         for group in self.optimizer.param_groups:
             group["lr"] = 1e-4
-
-    def real_batches(self):
-        """Endless batches of the configured pipeline (torch or DALI) over the folder."""
-        loader, _, _ = build_train_data(self.cfg, Path(self.cfg.data.root), self.device)
-        epoch = 0
-        while True:
-            loader.start(epoch)
-            yield from loader
-            epoch += 1
 
     def ema(self) -> None:
         if self.setup.baseline:

@@ -66,6 +66,15 @@ def build_train_data(cfg: Config, root: Path, device: torch.device):
     return loader, samples, classes
 
 
+def endless_batches(loader):
+    """Batches of a pre-training loader, epoch after epoch without end (for benchmarks, which time a fixed count)."""
+    epoch = 0
+    while True:
+        loader.start(epoch)
+        yield from loader
+        epoch += 1
+
+
 def build_eval_data(cfg: Config, root: Path, train_samples: list, classes: list[str], batch_size: int = 256):
     """(train loader, val loader) of centre-cropped labelled images for kNN, or None without a val/ folder.
     `train_samples` and `classes` are the scan of root/train, which is not listed a second time."""
