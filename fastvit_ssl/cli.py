@@ -1,5 +1,5 @@
 """Command-line entry points end with one line on stderr and exit code 2 for problems the user can fix, and leave
-the process group (if any) on every way out."""
+the process group (if any) before the interpreter exits."""
 
 from __future__ import annotations
 
@@ -21,6 +21,6 @@ def run(main: Callable[[], object]) -> None:
         main()
     except USER_ERRORS as e:
         print(f"error: {e}", file=sys.stderr)
+        distributed.shutdown(wait_for_others=False)  # a failed rank exits now, so the launcher sees the failure
         sys.exit(2)
-    finally:
-        distributed.shutdown()
+    distributed.shutdown()

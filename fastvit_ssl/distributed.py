@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime
+import gc
 import logging
 import os
 
@@ -39,11 +40,16 @@ def init_from_env(device: torch.device, timeout_s: float = 600.0) -> None:
     log.info("joined process group: rank %d of %d (%s)", rank(), world_size(), backend)
 
 
-def shutdown() -> None:
-    """Leave the process group before the interpreter exits; a gloo group left alive aborts the process at exit
-    ("terminate called without an active exception") when its threads are torn down unjoined."""
+def shutdown(wait_for_others: bool = True) -> None:
+    """Leave the process group before the interpreter exits. A gloo group torn down during interpreter finalization
+    can abort the process ("terminate called without an active exception"), so: wait until every rank is done
+    communicating, destroy the group, then collect the reference cycles (DDP and DeepSpeed engines) that still hold
+    it, all while the interpreter is fully alive."""
     if is_initialized():
+        if wait_for_others:
+            dist.barrier()
         dist.destroy_process_group()
+        gc.collect()
 
 
 @torch.no_grad()

@@ -11,8 +11,7 @@ from fastvit_ssl.engine.local import LocalEngine
 from fastvit_ssl.methods.mocov3 import build_mocov3
 
 
-def main(out_path: str) -> None:
-    distributed.init_from_env(torch.device("cpu"))
+def one_step(out_path: str) -> None:
     cfg = load(None, ["model.arch=vit_demo", "model.img_size=14", "moco.dim=16", "moco.mlp_dim=32"])
     torch.manual_seed(0)
     model = build_mocov3(cfg)
@@ -26,8 +25,9 @@ def main(out_path: str) -> None:
     grads = {name: p.grad for name, p in model.named_parameters() if p.grad is not None}
     if distributed.is_main():
         torch.save({"loss": loss, "grads": grads}, out_path)
-    distributed.shutdown()
 
 
 if __name__ == "__main__":
-    main(sys.argv[1])
+    distributed.init_from_env(torch.device("cpu"))
+    one_step(sys.argv[1])
+    distributed.shutdown()
