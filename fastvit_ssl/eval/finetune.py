@@ -12,7 +12,6 @@ random erasing (p = 0.25), then mixup or cutmix per batch.
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import random
 import time
@@ -34,6 +33,7 @@ from fastvit_ssl.data.torch_pipeline import EvalDataset, augment_image, to_norma
 from fastvit_ssl.eval.encoder import load_encoder, random_encoder
 from fastvit_ssl.eval.export import from_timm_state_dict
 from fastvit_ssl.eval.linear import topk_accuracy
+from fastvit_ssl.eval.report import print_result
 from fastvit_ssl.models.build import build_encoder
 from fastvit_ssl.models.vit import VisionTransformer
 from fastvit_ssl.optim.schedules import learning_rate
@@ -214,13 +214,7 @@ def main(argv: list[str] | None = None) -> dict:
         encoder = random_encoder(cfg, **trainable)
     root = args.data or resolve_root(cfg)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    result = {
-        **finetune(encoder, root, recipe, device),
-        "random_init": args.random_init,
-        "wall_seconds": round(time.perf_counter() - started, 1),
-    }
-    print(json.dumps(result))
-    return result
+    return print_result({**finetune(encoder, root, recipe, device), "random_init": args.random_init}, started)
 
 
 if __name__ == "__main__":

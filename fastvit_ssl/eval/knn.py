@@ -72,13 +72,13 @@ def knn_top1(
 
 def main(argv: list[str] | None = None) -> dict:
     import argparse
-    import json
     import time
     from pathlib import Path
 
     from fastvit_ssl.data.build import build_eval_data, resolve_root
     from fastvit_ssl.data.folder import scan_image_folder
     from fastvit_ssl.eval.encoder import load_encoder
+    from fastvit_ssl.eval.report import print_result
 
     parser = argparse.ArgumentParser(description="Weighted kNN top-1 of a checkpoint's encoder.")
     parser.add_argument("--checkpoint", type=Path, required=True, help="checkpoint, run or DeepSpeed folder")
@@ -91,12 +91,8 @@ def main(argv: list[str] | None = None) -> dict:
     root = args.data or resolve_root(cfg)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     eval_data = build_eval_data(cfg, root, *scan_image_folder(root / "train"))
-    result = {
-        "knn_top1": knn_top1(encoder.to(device), *eval_data, device, args.k, args.temperature),
-        "wall_seconds": round(time.perf_counter() - started, 1),
-    }
-    print(json.dumps(result))
-    return result
+    top1 = knn_top1(encoder.to(device), *eval_data, device, args.k, args.temperature)
+    return print_result({"knn_top1": top1}, started)
 
 
 if __name__ == "__main__":

@@ -10,7 +10,6 @@ official recipe re-augments every epoch, which mostly matters at ImageNet scale)
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import time
 from pathlib import Path
@@ -22,6 +21,7 @@ from fastvit_ssl.data.build import build_eval_data, resolve_root
 from fastvit_ssl.data.folder import scan_image_folder
 from fastvit_ssl.eval.encoder import load_encoder, random_encoder
 from fastvit_ssl.eval.knn import extract_features
+from fastvit_ssl.eval.report import print_result
 from fastvit_ssl.optim.lars import LARS
 
 
@@ -106,14 +106,7 @@ def main(argv: list[str] | None = None) -> dict:
         base_lr=args.base_lr,
         optimizer=args.optimizer,
     )
-    result = {
-        "linear_top1": top1,
-        "linear_top5": top5,
-        "random_init": args.random_init,
-        "wall_seconds": round(time.perf_counter() - started, 1),
-    }
-    print(json.dumps(result))
-    return result
+    return print_result({"linear_top1": top1, "linear_top5": top5, "random_init": args.random_init}, started)
 
 
 if __name__ == "__main__":
