@@ -94,6 +94,12 @@ def test_ddp_prefixed_checkpoints_load(tiny_overrides, tmp_path):
     assert encoder.arch == cfg.model.arch == "vit_demo"
 
 
+def test_a_run_folder_without_a_complete_checkpoint_is_refused(tmp_path):
+    (tmp_path / "ckpt-00000001.pt").write_bytes(b"cut short")  # its .sha256 was never written
+    with pytest.raises(CheckpointError, match=r"no complete checkpoint .*without its \.sha256 was never finished"):
+        load_encoder(tmp_path)
+
+
 def test_weights_of_another_architecture_are_refused_with_the_mismatch_named():
     small = export.to_timm_state_dict(VisionTransformer("vit_small", 32))
     with pytest.raises(

@@ -38,7 +38,10 @@ def read_checkpoint(path: Path) -> dict:
                 return checkpoint.load(consolidate(find_checkpoint(path), Path(tmp) / "consolidated.pt"))
         found = checkpoint.list_checkpoints(path)
         if not found:
-            raise CheckpointError(f"{path} holds no checkpoint (ckpt-*.pt or deepspeed/step*)")
+            raise CheckpointError(
+                f"{path} holds no complete checkpoint (ckpt-*.pt beside its .sha256 file, or deepspeed/step*); "
+                "a ckpt-*.pt without its .sha256 was never finished. Point --checkpoint at a run folder or a file"
+            )
         path = found[-1]
     return checkpoint.load(path)
 
