@@ -29,6 +29,7 @@ cat "$out/environment.txt"
 
 echo "== kernel tests, compiled on CUDA =="
 timeout 240 python3 -m pytest tests/kernels tests/test_timm_compat.py -q -p no:cacheprovider -k "not installed_copy" \
+  --ignore tests/kernels/test_aot_compile.py \
   2>&1 | tee "$out/kernel_tests.txt"
 [ "${PIPESTATUS[0]}" -eq 0 ] || status=1
 

@@ -4,6 +4,10 @@ contrastive logits and the patch projection, and peak memory.
 
     python benchmarks/kernels.py                                   # CPU: the reference paths only
     python benchmarks/kernels.py --preset gpu --out benchmarks/results/kernels-h100.csv
+    python benchmarks/kernels.py --resources --out benchmarks/results/kernel-resources.csv   # no GPU needed
+
+--resources compiles every kernel for sm_80 and sm_90a at its launchers' configurations (fastvit_ssl.kernels.aot)
+and lists registers, shared memory, spills and the blocks per SM they allow: the first table to read on a new GPU.
 
 On a CPU the fused kernels would only run through the Triton interpreter, whose speed means nothing: they are left
 out and the table says so. Bytes are the ideal traffic of one pass (what a perfect kernel must read and write),
@@ -14,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import os
 import statistics
 import time
 from pathlib import Path
@@ -149,7 +154,10 @@ def main(argv=None) -> list[dict]:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--preset", choices=sorted(PRESETS), default=None, help="default: gpu on CUDA, else cpu")
     parser.add_argument("--out", type=Path, default=None, help="CSV file (a .json beside it gets the same rows)")
+    parser.add_argument("--resources", action="store_true", help="compile for sm_80/sm_90a and list resources")
     args = parser.parse_args(argv)
+    if args.resources:
+        return resources(args.out)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     preset = PRESETS[args.preset or ("gpu" if device.type == "cuda" else "cpu")]
     fused = device.type == "cuda"
@@ -191,6 +199,27 @@ def main(argv=None) -> list[dict]:
     if args.out:
         write_rows(rows, args.out)
     return rows
+
+
+def resources(out: Path | None) -> list[dict]:
+    from fastvit_ssl.kernels import aot
+    from fastvit_ssl.kernels.shapes import CASES
+
+    rows, problems = aot.check(CASES, aot.project_modules(), jobs=os.cpu_count())
+    meta = {"commit": runinfo.git_commit(), "triton": triton_version(), "date": datetime.date.today().isoformat()}
+    rows = [{**meta, **row} for row in rows]
+    columns = ["kernel", "arch", "config", "registers", "shared_bytes", "spill_bytes", "blocks_per_sm", "problem"]
+    print_table(rows, columns)
+    print("\n".join(["", *problems]) if problems else f"\n{len(rows)} compilations, all within budget")
+    if out:
+        write_rows(rows, out)
+    return rows
+
+
+def triton_version() -> str:
+    import triton
+
+    return triton.__version__
 
 
 def print_header(rows: list[dict], fused: bool) -> None:

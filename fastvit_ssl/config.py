@@ -200,6 +200,9 @@ def _coerce(value: Any, hint: Any, what: str) -> Any:
     raise ConfigError(f"{what} = {value!r} must be of type {getattr(hint, '__name__', hint)}")
 
 
+FUSED_CONTRASTIVE_MAX_DIM = 256  # kernels/contrastive.py's MAX_DIM (a test keeps the two equal)
+
+
 def validate(cfg: Config) -> None:
     """Value checks that need no other state than the config itself."""
     checks = [
@@ -234,6 +237,11 @@ def validate(cfg: Config) -> None:
     for ok, message in checks:
         if not ok:
             raise ConfigError(message)
+    if cfg.run.kernels == "fused" and cfg.moco.dim > FUSED_CONTRASTIVE_MAX_DIM:
+        raise ConfigError(
+            f"moco.dim={cfg.moco.dim}: the fused contrastive kernel takes at most {FUSED_CONTRASTIVE_MAX_DIM} "
+            "features; use run.kernels=reference or a smaller moco.dim"
+        )
     patch = ARCH_SPECS[cfg.model.arch].patch_size
     if cfg.model.img_size % patch:
         raise ConfigError(f"model.img_size={cfg.model.img_size} must be a multiple of {cfg.model.arch}'s patch {patch}")

@@ -18,16 +18,28 @@ import torch
 import triton
 import triton.language as tl
 
+from fastvit_ssl.kernels.target import Target, interpreted, target_of
 from fastvit_ssl.methods.losses import contrastive_loss_ref
 
-MAX_DIM = 1024  # a row of q (and of k) is one tile in registers
+MAX_DIM = 256  # a row of q (and of k) is one tile; larger rows spill (see _config)
 
 
-def _config(dim: int, device: torch.device) -> dict:
+def _config(kernel: str, dim: int, dtype: torch.dtype, target: Target) -> dict:
+    """Block sizes of the forward ("fwd") or backward ("bwd") kernel for feature dim `dim` on `target`.
+
+    From the ahead-of-time check (python -m fastvit_ssl.kernels.aot): the largest tiles that compile without spills
+    on both sm_80 and sm_90a for D <= 256. fp32's exact ("ieee") dots run on the FMA units with operand tiles in
+    registers, hence small tiles; bf16/fp16 dots use tensor cores. The backward also carries a [BLOCK_N, BLOCK_D]
+    fp32 gradient accumulator, hence a smaller BLOCK_N (which also gives it more programs).
+    """
     block_d = max(16, triton.next_power_of_2(dim))
-    if device.type != "cuda":  # the interpreter: few, large programs
+    if target.interpreted:  # few, large programs
         return dict(BLOCK_N=32, BLOCK_M=128, BLOCK_D=block_d, num_warps=4)
-    return dict(BLOCK_N=64, BLOCK_M=64 if block_d <= 256 else 32, BLOCK_D=block_d, num_warps=4 if block_d <= 128 else 8)
+    if dtype == torch.float32:
+        block_n, block_m = (32, 16) if kernel == "fwd" else (16, 32)
+        return dict(BLOCK_N=block_n, BLOCK_M=block_m, BLOCK_D=block_d, num_warps=4, num_stages=2)
+    block_n = 64 if kernel == "fwd" else 32
+    return dict(BLOCK_N=block_n, BLOCK_M=64, BLOCK_D=block_d, num_warps=8, num_stages=3)
 
 
 @triton.jit
@@ -86,7 +98,7 @@ def _contrastive_fwd_kernel(
     positive = tl.zeros([BLOCK_N], tl.float32)
     for start in range(0, M, BLOCK_M):
         cols = start + tl.arange(0, BLOCK_M)
-        s, _, _ = _logits_tile(q, rq_scaled, k_ptr, rk_ptr, cols, dims, M, D, stride_k, UPCAST, PRECISION)
+        s = _logits_tile(q, rq_scaled, k_ptr, rk_ptr, cols, dims, M, D, stride_k, UPCAST, PRECISION)[0]
         new_max = tl.maximum(run_max, tl.max(s, axis=1))
         run_sum = run_sum * tl.exp(run_max - new_max) + tl.sum(tl.exp(s - new_max[:, None]), axis=1)
         run_max = new_max
@@ -163,7 +175,7 @@ def _check(q: torch.Tensor, k: torch.Tensor, label_offset: int) -> None:
 def _dot_flags(x: torch.Tensor) -> dict:
     """fp32 inputs get full-precision dots; the interpreter gets fp32 operands (its bf16 dot is wrong)."""
     return dict(
-        UPCAST=x.device.type != "cuda" or x.dtype == torch.float32,
+        UPCAST=interpreted(x.device) or x.dtype == torch.float32,
         PRECISION="ieee" if x.dtype == torch.float32 else "tf32",
     )
 
@@ -179,7 +191,7 @@ def contrastive_fwd(q, k, temperature: float, label_offset: int):
     rq, rk = _inverse_norms(q), _inverse_norms(k)
     lse = torch.empty(N, dtype=torch.float32, device=q.device)
     loss_rows = torch.empty(N, dtype=torch.float32, device=q.device)
-    cfg = _config(D, q.device)
+    cfg = _config("fwd", D, q.dtype, target_of(q.device))
     grid = (triton.cdiv(N, cfg["BLOCK_N"]),)
     _contrastive_fwd_kernel[grid](
         q,
@@ -205,7 +217,7 @@ def contrastive_bwd(q, k, rq, rk, lse, dloss, temperature: float, label_offset: 
     q, k = q.contiguous(), k.contiguous()
     (N, D), M = q.shape, k.shape[0]
     dq = torch.empty_like(q)
-    cfg = _config(D, q.device)
+    cfg = _config("bwd", D, q.dtype, target_of(q.device))
     grid = (triton.cdiv(N, cfg["BLOCK_N"]),)
     _contrastive_bwd_kernel[grid](
         q,

@@ -16,11 +16,28 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
+from fastvit_ssl.kernels.multi_tensor import triton_dtype
+from fastvit_ssl.kernels.target import Target, interpreted, target_of
 
-def _config(device: torch.device) -> dict:
-    if device.type != "cuda":  # the interpreter: few, large programs
+
+def _config(kernel: str, dtype: torch.dtype, target: Target) -> dict:
+    """Tiles of the forward ("fwd": BLOCK_R output rows x BLOCK_D features) or weight-gradient ("bwd": BLOCK_D x
+    BLOCK_K weights, summed over BLOCK_R rows at a time) kernel, with BLOCK_K patch pixels per step.
+
+    From the ahead-of-time check (python -m fastvit_ssl.kernels.aot), for patches of 14 and 16 on sm_80 and sm_90a:
+    bf16/fp16 dots take tensor-core tiles of 128 rows (with uint8 input, 128 x 128 x 32 makes ptxas serialise the
+    H100's wgmma, hence 64 features); exact fp32 dots run on the FMA units with operands in registers and spill
+    above 64 x 64 x 32.
+    """
+    if target.interpreted:  # few, large programs
         return dict(BLOCK_R=64, BLOCK_D=128, BLOCK_K=64, num_warps=4)
-    return dict(BLOCK_R=64, BLOCK_D=64, BLOCK_K=64, num_warps=4)
+    if dtype == torch.float32:
+        if kernel == "fwd":
+            return dict(BLOCK_R=64, BLOCK_D=64, BLOCK_K=32, num_warps=4, num_stages=3)
+        return dict(BLOCK_R=32, BLOCK_D=64, BLOCK_K=32, num_warps=4, num_stages=2)
+    if kernel == "fwd":
+        return dict(BLOCK_R=128, BLOCK_D=64, BLOCK_K=32, num_warps=4, num_stages=3)
+    return dict(BLOCK_R=64, BLOCK_D=128, BLOCK_K=64, num_warps=8, num_stages=3)
 
 
 @triton.jit
@@ -78,7 +95,6 @@ def _patch_embed_fwd_kernel(
     BLOCK_D: tl.constexpr,
     BLOCK_K: tl.constexpr,
     DOT_DTYPE: tl.constexpr,
-    PRECISION: tl.constexpr,
 ):
     rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)  # output rows b * T + t
     cols = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
@@ -93,7 +109,7 @@ def _patch_embed_fwd_kernel(
             img_ptr, scale_ptr, shift_ptr, base, is_patch, ks, K, stride_c, stride_h, stride_w, P, NORMALIZE
         )
         w = tl.load(w_ptr + cols[None, :] * K + ks[:, None], mask=(ks[:, None] < K) & (cols[None, :] < D), other=0.0)
-        acc += tl.dot(x.to(DOT_DTYPE), w.to(DOT_DTYPE), input_precision=PRECISION)  # (BLOCK_R, BLOCK_D)
+        acc += tl.dot(x.to(DOT_DTYPE), w.to(DOT_DTYPE), input_precision="ieee")  # (BLOCK_R, BLOCK_D)
     col_ok = cols < D
     value = acc + tl.load(bias_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
     if HAS_CLS:
@@ -129,7 +145,7 @@ def _patch_embed_bwd_kernel(
     BLOCK_R: tl.constexpr,
     BLOCK_D: tl.constexpr,
     BLOCK_K: tl.constexpr,
-    PRECISION: tl.constexpr,
+    DOT_DTYPE: tl.constexpr,
 ):
     cols = tl.program_id(0) * BLOCK_D + tl.arange(0, BLOCK_D)
     ks = tl.program_id(1) * BLOCK_K + tl.arange(0, BLOCK_K)
@@ -143,13 +159,13 @@ def _patch_embed_bwd_kernel(
         base = b * stride_b + (patch // grid_w) * (P * stride_h) + (patch % grid_w) * (P * stride_w)
         x = _gather_patches(
             img_ptr, scale_ptr, shift_ptr, base, valid, ks, K, stride_c, stride_h, stride_w, P, NORMALIZE
-        ).to(tl.float32)
+        )
         out_row = b * T + HAS_CLS + patch
         g = tl.load(
             dout_ptr + out_row[:, None] * D + cols[None, :], mask=valid[:, None] & (cols[None, :] < D), other=0.0
-        ).to(tl.float32)
-        acc_w += tl.dot(tl.trans(g), x, input_precision=PRECISION)
-        acc_b += tl.sum(g, axis=0)
+        )
+        acc_w += tl.dot(tl.trans(g.to(DOT_DTYPE)), x.to(DOT_DTYPE), input_precision="ieee")  # (BLOCK_D, BLOCK_K)
+        acc_b += tl.sum(g.to(tl.float32), axis=0)
     w_ok = (cols[:, None] < D) & (ks[None, :] < K)
     tl.atomic_add(dw_ptr + cols[:, None] * K + ks[None, :], acc_w, mask=w_ok)
     if tl.program_id(1) == 0:
@@ -195,17 +211,16 @@ def _output_dtype(weight: torch.Tensor) -> torch.dtype:
     return weight.dtype
 
 
-def patch_embed_fwd(images, weight, bias, pos_embed, patch_size, cls_token, mean, std):
+def patch_embed_fwd(images, weight, bias, pos_embed, patch_size, cls_token, mean, std, out_dtype):
     B, C, H, W, strides, normalize = _layout(images)
     D, K = weight.shape[0], C * patch_size * patch_size
     grid_w = W // patch_size
     T = (H // patch_size) * grid_w + (cls_token is not None)
-    out_dtype = _output_dtype(weight)
     out = torch.empty(B, T, D, dtype=out_dtype, device=images.device)
     scale, shift = _norm_constants(mean, std, C, images.device) if normalize else (weight, weight)  # unused
-    cfg = _config(images.device)
-    interpreted = images.device.type != "cuda"
-    dot_dtype = tl.float32 if interpreted or out_dtype == torch.float32 else tl.bfloat16
+    target = target_of(images.device)
+    cfg = _config("fwd", out_dtype, target)
+    dot_dtype = torch.float32 if interpreted(images.device) else out_dtype  # see target.interpreted()
     grid = (triton.cdiv(B * T, cfg["BLOCK_R"]), triton.cdiv(D, cfg["BLOCK_D"]))
     _patch_embed_fwd_kernel[grid](
         images,
@@ -225,8 +240,7 @@ def patch_embed_fwd(images, weight, bias, pos_embed, patch_size, cls_token, mean
         P=patch_size,
         HAS_CLS=cls_token is not None,
         NORMALIZE=normalize,
-        DOT_DTYPE=dot_dtype,
-        PRECISION="ieee",
+        DOT_DTYPE=triton_dtype(dot_dtype),
         **cfg,
     )
     return out
@@ -242,11 +256,12 @@ def patch_embed_bwd(images, dout, patch_size, has_cls, weight_shape, mean, std):
     dw = torch.zeros(D, K, dtype=torch.float32, device=images.device)
     dbias = torch.zeros(D, dtype=torch.float32, device=images.device)
     scale, shift = _norm_constants(mean, std, C, images.device) if normalize else (dw, dw)  # unused
-    cfg = _config(images.device)
+    target = target_of(images.device)
+    cfg = _config("bwd", dout.dtype, target)
+    dot_dtype = torch.float32 if interpreted(images.device) else dout.dtype  # bf16: bf16 operands, fp32 sums
     tiles = triton.cdiv(D, cfg["BLOCK_D"]) * triton.cdiv(K, cfg["BLOCK_K"])
-    splits = 1  # split the rows over more programs when the weight tiles alone cannot fill the GPU
-    if images.device.type == "cuda":
-        splits = max(1, min(16, 2 * torch.cuda.get_device_properties(images.device).multi_processor_count // tiles))
+    # split the rows over more programs when the weight tiles alone cannot fill the GPU
+    splits = 1 if target.interpreted else max(1, min(16, 2 * target.sms // tiles))
     rows_per_split = triton.cdiv(triton.cdiv(B * L, splits), cfg["BLOCK_R"]) * cfg["BLOCK_R"]
     grid = (triton.cdiv(D, cfg["BLOCK_D"]), triton.cdiv(K, cfg["BLOCK_K"]), triton.cdiv(B * L, rows_per_split))
     _patch_embed_bwd_kernel[grid](
@@ -267,7 +282,7 @@ def patch_embed_bwd(images, dout, patch_size, has_cls, weight_shape, mean, std):
         P=patch_size,
         HAS_CLS=has_cls,
         NORMALIZE=normalize,
-        PRECISION="ieee",
+        DOT_DTYPE=triton_dtype(dot_dtype),
         **cfg,
     )
     return dw.view(weight_shape), dbias
@@ -285,7 +300,8 @@ class PatchEmbedFn(torch.autograd.Function):
             weight.shape,
         )
         ctx.dtypes = (weight.dtype, bias.dtype, pos_embed.dtype, None if cls_token is None else cls_token.dtype)
-        return patch_embed_fwd(images, weight, bias, pos_embed, patch_size, cls_token, mean, std)
+        out_dtype = _output_dtype(weight)
+        return patch_embed_fwd(images, weight, bias, pos_embed, patch_size, cls_token, mean, std, out_dtype)
 
     @staticmethod
     def backward(ctx, dout):

@@ -1,11 +1,13 @@
 import pytest
 import torch
 
-from fastvit_ssl.kernels.contrastive import contrastive_loss, contrastive_loss_ref
+from fastvit_ssl.config import FUSED_CONTRASTIVE_MAX_DIM
+from fastvit_ssl.kernels.contrastive import MAX_DIM, contrastive_loss, contrastive_loss_ref
+from fastvit_ssl.kernels.target import A100, H100, planning_for
 from numerics import assert_no_worse_than_torch
 
 # (N queries, M keys, D, label offset): N = 1 and 3, D not a power of two, M != N, rank offsets, partial tiles
-SHAPES = [(1, 1, 1, 0), (3, 6, 257, 3), (5, 5, 256, 0), (17, 51, 384, 34), (40, 130, 64, 80)]
+SHAPES = [(1, 1, 1, 0), (3, 6, 255, 3), (5, 5, 256, 0), (17, 51, 200, 34), (40, 130, 64, 80)]
 
 
 def run(q, k, t, offset, fn):
@@ -61,6 +63,12 @@ def test_bad_inputs_are_named():
         contrastive_loss(q, torch.randn(4, 9), 0.2)
     with pytest.raises(ValueError, match="must match"):
         contrastive_loss(q, torch.randn(4, 8).double(), 0.2)
+    with pytest.raises(ValueError, match="feature dim 257 > 256"):
+        contrastive_loss(torch.randn(4, 257), torch.randn(4, 257), 0.2)
+
+
+def test_the_config_knows_the_kernels_feature_limit():
+    assert FUSED_CONTRASTIVE_MAX_DIM == MAX_DIM
 
 
 def test_memory_is_linear_in_the_batch(device):
@@ -70,3 +78,23 @@ def test_memory_is_linear_in_the_batch(device):
     saved = loss.grad_fn.saved_tensors
     assert max(t.numel() for t in saved) == max(q.numel(), k.numel())
     assert not any(t.shape == (16, 64) for t in saved)
+
+
+@pytest.mark.parametrize("target", [A100, H100], ids=lambda t: f"sm_{t.arch}")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_the_shipped_gpu_configuration(target, dtype, poisoned, device):
+    """The block sizes a launch on that GPU uses, run through the interpreter: several query and key tiles with
+    ragged edges, D = 200 inside a 256-wide tile."""
+    N, M, D, offset = 70, 150, 200, 80
+    g = torch.Generator().manual_seed(7)
+    q, k = (torch.randn(n, D, generator=g).to(device, dtype) for n in (N, M))
+    with planning_for(target):
+        loss, dq = run(q, k, 0.2, offset, contrastive_loss)
+    loss64, dq64 = run(q.double(), k.double(), 0.2, offset, contrastive_loss_ref)
+    if dtype == torch.float32:
+        torch.testing.assert_close(loss.double(), loss64, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(dq.double(), dq64, rtol=1e-4, atol=1e-5 * dq64.abs().max().item())
+    else:
+        loss16, dq16 = run(q, k, 0.2, offset, contrastive_loss_ref)
+        assert_no_worse_than_torch(loss, loss64, loss16)
+        assert_no_worse_than_torch(dq, dq64, dq16)

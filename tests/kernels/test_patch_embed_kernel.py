@@ -4,6 +4,7 @@ import torch
 from fastvit_ssl.data.augment import IMAGENET_MEAN, IMAGENET_STD
 from fastvit_ssl.kernels import patch_embed as module
 from fastvit_ssl.kernels.patch_embed import patch_embed, patch_embed_ref
+from fastvit_ssl.kernels.target import A100, H100, planning_for
 from numerics import assert_no_worse_than_torch
 
 # (batch, channels, image side, patch, embed dim, class token): one patch, partial tiles, K = 768 as in ViT/16
@@ -22,10 +23,13 @@ def inputs(shape, dtype=torch.float32, seed=0, device="cpu"):
     return images.to(device, dtype), params
 
 
-def forward_backward(fn, images, params, P, dout_seed=1):
+def forward_backward(fn, images, params, P, dout_dtype=None):
+    """(output, gradients of the parameters) for an upstream gradient rounded to `dout_dtype` (default: the
+    output's), so that runs in several precisions differentiate the same values."""
     params = [p.detach().clone().requires_grad_() if p is not None else None for p in params]
     out = fn(images, params[0], params[1], params[2], P, params[3])
-    dout = torch.randn(out.shape, generator=torch.Generator().manual_seed(dout_seed)).to(out.device, out.dtype)
+    dout = torch.randn(out.shape, generator=torch.Generator().manual_seed(1)).to(out.device, dout_dtype or out.dtype)
+    dout = dout.to(out.dtype)
     (out * dout).sum().backward()
     return out.detach(), [p.grad for p in params if p is not None]
 
@@ -50,9 +54,33 @@ def test_bf16_is_no_worse_than_torch_bf16(shape, poisoned, device):
     out, grads = forward_backward(patch_embed, images, params, P)
     out16, grads16 = forward_backward(patch_embed_ref, images, params, P)
     out64, grads64 = forward_backward(
-        patch_embed_ref, images.double(), [p.double() if p is not None else None for p in params], P
+        patch_embed_ref, images.double(), [p.double() if p is not None else None for p in params], P, torch.bfloat16
     )
     assert out.dtype == torch.bfloat16
+    assert_no_worse_than_torch(out, out64, out16)
+    for g, g16, g64 in zip(grads, grads16, grads64):
+        assert_no_worse_than_torch(g, g64, g16)
+
+
+@pytest.mark.parametrize("target", [A100, H100], ids=lambda t: f"sm_{t.arch}")
+@pytest.mark.parametrize("shape", [(14, 3, 48, 16, 200, True), (7, 3, 28, 14, 100, True)], ids=str)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_the_shipped_gpu_configuration(target, shape, dtype, poisoned, device):
+    """The tiles a launch on that GPU uses, run through the interpreter: ragged row, feature and pixel tiles
+    (140 and 35 rows, D = 200 and 100, K = 768 and 588) and the row splits of the weight gradient."""
+    images, params = inputs(shape, dtype, seed=4, device=device)
+    P = shape[3]
+    with planning_for(target):
+        out, grads = forward_backward(patch_embed, images, params, P)
+    out64, grads64 = forward_backward(
+        patch_embed_ref, images.double(), [p.double() if p is not None else None for p in params], P, dtype
+    )
+    if dtype == torch.float32:
+        torch.testing.assert_close(out.double(), out64, rtol=1e-5, atol=1e-5)
+        for g, g64 in zip(grads, grads64):
+            torch.testing.assert_close(g.double(), g64, rtol=1e-5, atol=1e-4)
+        return
+    out16, grads16 = forward_backward(patch_embed_ref, images, params, P)
     assert_no_worse_than_torch(out, out64, out16)
     for g, g16, g64 in zip(grads, grads16, grads64):
         assert_no_worse_than_torch(g, g64, g16)
