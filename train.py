@@ -1,10 +1,11 @@
-"""MoCo v3 pre-training of a Vision Transformer.
+"""Self-supervised pre-training of a Vision Transformer: MoCo v3 (method.name=mocov3, the default) or SiT.
 
     python train.py                                       # the CPU demo: real handwritten digits, kNN at the end
+    python train.py --config configs/sit_demo.yaml        # the same with SiT
     python train.py --config configs/vit_small.yaml data.root=/data/imagenet optim.epochs=100
     torchrun --nproc_per_node 8 train.py --config configs/vit_base.yaml data.root=/data/imagenet
 
-Reads top to bottom in data-flow order: config -> data -> model -> optimizer -> engine -> resume -> loop -> eval.
+Reads top to bottom in data-flow order: config -> data -> method -> optimizer -> engine -> resume -> loop -> eval.
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ from fastvit_ssl.eval.encoder import random_encoder
 from fastvit_ssl.eval.knn import knn_top1
 from fastvit_ssl.guard import FaultHooks, NonFiniteGuard, TrainingDiverged
 from fastvit_ssl.kernels.dispatch import select_ops
-from fastvit_ssl.methods.mocov3 import build_mocov3
+from fastvit_ssl.methods.build import build_method
 from fastvit_ssl.monitor import Monitor
 from fastvit_ssl.optim import schedules
 
@@ -58,7 +59,7 @@ def main(argv: list[str] | None = None) -> dict:
     loader, train_samples, classes = build_train_data(cfg, data_root, device)
     eval_data = build_eval_data(cfg, data_root, train_samples, classes)
     ops = select_ops(cfg.run.kernels, device)
-    model = build_mocov3(cfg, ops).to(device)
+    model = build_method(cfg, ops).to(device)
     engine = build_engine(cfg, model, device, ops)
     start_step, lr_scale = resume(cfg, run_dir, engine)
     guard = NonFiniteGuard(
@@ -68,7 +69,8 @@ def main(argv: list[str] | None = None) -> dict:
     total_steps = cfg.optim.epochs * loader.batches_per_epoch
     monitor = Monitor(run_dir, total_steps, cfg.data.batch_size, cfg.run.log_every, start_step, distributed.is_main())
     log.info(
-        "%s on %s x%d: %d steps/epoch x %d epochs, from step %d -> %s",
+        "%s %s on %s x%d: %d steps/epoch x %d epochs, from step %d -> %s",
+        cfg.method.name,
         cfg.model.arch,
         device,
         world,
@@ -92,7 +94,7 @@ def main(argv: list[str] | None = None) -> dict:
     }
     if eval_data and step == total_steps and distributed.is_main():
         summary["knn_top1_random"] = evaluate_knn(cfg, random_encoder(cfg).to(device), eval_data, device)
-        summary["knn_top1_pretrained"] = evaluate_knn(cfg, model.base_encoder, eval_data, device)
+        summary["knn_top1_pretrained"] = knn_check(cfg, model, eval_data, device, run_dir)
         monitor.record(0, {"knn_top1": summary["knn_top1_random"]})  # the curve starts from the random encoder
         monitor.record(step, {"knn_top1": summary["knn_top1_pretrained"]})
     plot = monitor.close()
@@ -129,15 +131,14 @@ def train_loop(
         epoch, first_batch = divmod(step, steps_per_epoch)
         loader.start(epoch, first_batch)
         for batch in loader:
-            progress = step / steps_per_epoch  # fractional epoch: both schedules move every iteration
-            lr = guard.lr_scale * schedules.learning_rate(progress, peak_lr, cfg.optim.warmup_epochs, cfg.optim.epochs)
-            momentum = schedules.moco_momentum(progress, cfg.optim.epochs, cfg.moco.momentum, cfg.moco.momentum_cosine)
-            metrics, finite = engine.step(batch.views, lr, momentum, poison=hooks.next_iteration())
+            progress = step / steps_per_epoch  # fractional epoch: the schedules move every iteration
+            momentum = engine.model.momentum(progress, cfg.optim.epochs)
+            hp = schedules.hyperparameters(cfg.optim, progress, peak_lr, momentum, guard.lr_scale)
+            metrics, finite = engine.step(batch.views, step, hp, poison=hooks.next_iteration())
             step += 1  # a skipped step still consumes its batch and moves the schedules
+            metrics |= {"lr": hp.lr, "weight_decay": hp.weight_decay, "momentum": hp.momentum}
             monitor.train_step(
-                step,
-                step / steps_per_epoch,
-                {**metrics, "lr": lr, "momentum": momentum, "skipped_images": batch.skipped, "finite": finite},
+                step, step / steps_per_epoch, {**metrics, "skipped_images": batch.skipped, "finite": finite}
             )
             if guard.observe(finite, step):
                 step = rollback(cfg, run_dir, engine, monitor)
@@ -154,7 +155,7 @@ def train_loop(
         else:
             knn_every = cfg.eval.knn_every_epochs
             if eval_data and knn_every and (step // steps_per_epoch) % knn_every == 0 and distributed.is_main():
-                monitor.record(step, {"knn_top1": evaluate_knn(cfg, engine.model.base_encoder, eval_data, device)})
+                monitor.record(step, {"knn_top1": knn_check(cfg, engine.model, eval_data, device, run_dir)})
     return step
 
 
@@ -171,6 +172,14 @@ def rollback(cfg: Config, run_dir: Path, engine, monitor: Monitor) -> int:
     monitor.rewind(state["step"])
     log.warning("rolled back to %s (step %d)", found[-1], state["step"])
     return state["step"]
+
+
+def knn_check(cfg: Config, method, eval_data, device, run_dir: Path) -> float:
+    """kNN top-1 of the method's backbone; the method's pictures (if any) of the first validation images beside."""
+    val = eval_data[1].dataset  # class by class: take 8 spread over the classes
+    images = torch.stack([val[i][0] for i in range(0, len(val), max(1, len(val) // 8))][:8])
+    method.pictures(images.to(device), run_dir / "reconstructions.png")
+    return evaluate_knn(cfg, method.backbone, eval_data, device)
 
 
 def evaluate_knn(cfg: Config, encoder, eval_data, device) -> float:

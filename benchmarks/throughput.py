@@ -1,21 +1,25 @@
-"""End-to-end MoCo v3 training throughput: images/s, step time, model TFLOP/s and MFU, peak memory and a per-phase
-breakdown, for our path and for `--baseline`, the way the official MoCo v3 code trains.
+"""End-to-end training throughput of a method (MoCo v3, or SiT with --method sit): images/s, step time, model
+TFLOP/s and MFU, peak memory and a per-phase breakdown, for our path and for `--baseline`, the way the official
+code trains.
 
     python benchmarks/throughput.py --arch vit_small --batch 32                    # our path
     python benchmarks/throughput.py --arch vit_small --batch 32 --baseline         # the official code's way
+    python benchmarks/throughput.py --method sit --compare --arch vit_demo --img-size 28
     python benchmarks/throughput.py --compare --arch vit_demo --img-size 28        # both, and their ratio
     python benchmarks/throughput.py --suite --out benchmarks/results/throughput-h100.csv   # GPU: ViT-S/B/L x both
 
 Ours: fused Triton kernels (CUDA), multi-tensor EMA, bf16 autocast, fused AdamW. Baseline (moco-v3/main_moco.py +
-builder.py): fp16 autocast with GradScaler, a per-parameter EMA loop, the materialised N x M logits, conv patch
-embedding, torch's default AdamW. Both encode each view in its own pass, as the paper's method does.
-Attention is torch's SDPA in both (what timm uses); --attention picks its backend.
+builder.py, or SiT's main.py): fp16 autocast with GradScaler, a per-parameter EMA loop, the materialised N x M
+logits, conv patch embedding, torch's default AdamW. Both run the method's own step (methods/base.py), opened up
+into phases. Attention is torch's SDPA in both (what timm uses); --attention picks its backend.
 
 FLOPs of one step, counted analytically (multiply-adds x 2), for B images, two views, T tokens, width D, depth L,
 MLP heads of widths (D -> H -> H -> d) and (d -> H -> d), N local and M gathered keys:
     encoder forward per view  F = B (L (24 T D^2 + 4 T^2 D) + 2 T C P^2 D)     (qkv, proj, 4x MLP; QK^T, AV; patches)
     heads forward per view    G = 2 B (D H + H H + H d) + 2 B (d H + H d)        (projector + predictor)
     step = 2 views x [3 (F + G) (base fwd + bwd) + (F + G_projector) (momentum fwd)] + 2 x 3 x 2 N M d (loss)
+SiT, both views in one batch, contrastive head Gc = 2 B (D H + H H + H d), pixel head R = 2 B (T - 1) (3 D^2 + 3 D P^2):
+    step = 2 views x [3 (F + Gc + R) (student fwd + bwd) + (F + Gc) (teacher fwd)] + 2 x 3 x 2 N M d (loss)
 MFU = model FLOP/s / peak FLOP/s, the peak taken from a large matrix product measured on the same device (bf16 on
 CUDA, fp32 on CPU), not a datasheet.
 """
@@ -37,7 +41,7 @@ from fastvit_ssl import runinfo
 from fastvit_ssl.config import load
 from fastvit_ssl.data.build import build_train_data, endless_batches
 from fastvit_ssl.kernels.dispatch import REFERENCE_OPS, select_ops
-from fastvit_ssl.methods.mocov3 import build_mocov3
+from fastvit_ssl.methods.build import build_method
 from fastvit_ssl.models.vit import ARCH_SPECS
 from fastvit_ssl.optim.build import build_optimizer
 from rows import print_table, write_rows
@@ -49,7 +53,7 @@ ATTENTION = {
     "efficient": SDPBackend.EFFICIENT_ATTENTION,
     "cudnn": SDPBackend.CUDNN_ATTENTION,
 }
-PHASES = ("data", "forward", "ema", "momentum forward", "loss", "backward", "optimizer")
+PHASES = ("data", "prepare", "forward", "ema", "targets", "loss", "backward", "optimizer")
 
 
 @dataclass
@@ -64,18 +68,25 @@ class Setup:
     data: Path | None = None  # an ImageFolder root (with train/); None: synthetic tensors on the device
     backend: str = "auto"
     uint8_views: bool = False  # ours only: [B, S, S, 3] uint8 views, normalised inside the patch embedding
+    method: str = "mocov3"
 
 
 def step_flops(cfg, batch: int, keys: int) -> float:
-    """Model FLOPs of one MoCo v3 step (the formula in the module docstring)."""
+    """Model FLOPs of one step of the method (the formulas in the module docstring)."""
     spec = ARCH_SPECS[cfg.model.arch]
     T, D, L, P = (cfg.model.img_size // spec.patch_size) ** 2 + 1, spec.embed_dim, spec.depth, spec.patch_size
-    H, d = cfg.moco.mlp_dim, cfg.moco.dim
+    section = cfg.sit if cfg.method.name == "sit" else cfg.moco
+    H, d = section.mlp_dim, section.dim
     encoder = batch * (L * (24 * T * D * D + 4 * T * T * D) + 2 * (T - 1) * 3 * P * P * D)
+    loss = 2 * 3 * 2 * batch * keys * d
+    if cfg.method.name == "sit":
+        head = 2 * batch * (D * H + H * H + H * d)
+        pixels = 2 * batch * (T - 1) * (3 * D * D + 3 * D * P * P)
+        return 2 * (3 * (encoder + head + pixels) + encoder + head) + loss
     projector = 2 * batch * (D * H + H * H + H * d)
     predictor = 2 * batch * (d * H + H * d)
     per_view = 3 * (encoder + projector + predictor) + encoder + projector
-    return 2 * per_view + 2 * 3 * 2 * batch * keys * d
+    return 2 * per_view + loss
 
 
 def measured_peak_tflops(device: torch.device) -> float:
@@ -99,12 +110,16 @@ def sync(device: torch.device) -> None:
 
 
 class Trainer:
-    """One training step of MoCo v3, optionally split into timed phases (the local engine's step, opened up)."""
+    """One training step of the method, optionally split into timed phases (Method.step_losses, opened up)."""
 
     def __init__(self, setup: Setup, device: torch.device):
         overrides = [f"model.arch={setup.arch}", f"model.img_size={setup.img_size}", f"data.batch_size={setup.batch}"]
+        overrides.append(f"method.name={setup.method}")
+        if setup.method == "sit":
+            overrides += ["model.pos_embed=learned", "model.init=trunc_normal", "model.frozen_patch_embed=false"]
         if setup.arch == "vit_demo":
-            overrides += ["moco.dim=128", "moco.mlp_dim=1024"]
+            section = "sit" if setup.method == "sit" else "moco"
+            overrides += [f"{section}.dim=128", f"{section}.mlp_dim=1024"]
         if setup.data is not None:
             overrides += [f"data.root={setup.data}", f"data.backend={setup.backend}", "data.num_workers=4"]
         if setup.uint8_views and not setup.baseline:
@@ -114,12 +129,12 @@ class Trainer:
         ops = REFERENCE_OPS if setup.baseline else select_ops(setup.kernels, device)
         self.fused = ops.fused
         torch.manual_seed(0)
-        self.model = build_mocov3(self.cfg, ops).to(device)
-        if setup.baseline:  # torch's default AdamW, as main_moco.py builds it
-            trained = [p for p in self.model.parameters() if p.requires_grad]
-            self.optimizer = torch.optim.AdamW(trained, lr=1e-4, weight_decay=0.1)
+        self.model = build_method(self.cfg, ops).to(device)
+        if setup.baseline:  # torch's default AdamW, as the official scripts build it
+            groups = [{k: v for k, v in g.items() if k != "decay"} for g in self.model.param_groups()]
+            self.optimizer = torch.optim.AdamW(groups, lr=1e-4, weight_decay=0.1)
         else:
-            self.optimizer = build_optimizer(self.cfg.optim, self.model, ops)
+            self.optimizer = build_optimizer(self.cfg.optim, self.model.param_groups(), ops)
         dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(setup.precision)
         self.autocast = torch.autocast(device.type, dtype=dtype) if dtype else contextlib.nullcontext()
         self.scaler = torch.amp.GradScaler(device.type) if setup.precision == "fp16" else None
@@ -144,24 +159,26 @@ class Trainer:
                 for b, m in pairs:
                     m.data = m.data * 0.99 + b.data * (1.0 - 0.99)
         else:
-            self.model.update_momentum_encoder(0.99)
+            self.model.update_ema(0.99)
 
     def step(self, mark=lambda phase: None) -> None:
-        """Forward (queries), EMA, momentum forward (keys), loss, backward, optimizer; `mark` ends each phase."""
+        """Inputs, forward, EMA, targets, loss, backward, optimizer; `mark` ends each phase."""
         if self.batches is None:
-            x1, x2 = (v.clone() for v in self.views)  # stands for the host-to-device copy of real batches
+            views = [v.clone() for v in self.views]  # stands for the host-to-device copy of real batches
         else:
-            x1, x2 = (v.to(self.device, non_blocking=True) for v in next(self.batches).views[:2])
+            views = [v.to(self.device, non_blocking=True) for v in next(self.batches).views[:2]]
         mark("data")
+        batch = self.model.prepare(views, step=0)
+        mark("prepare")
         backend = sdpa_kernel(self.attention) if self.attention is not None else contextlib.nullcontext()
         with self.autocast, backend:
-            q1, q2 = self.model.online(x1, x2)
+            outputs = self.model.online(*self.model.online_inputs(batch))
             mark("forward")
             self.ema()
             mark("ema")
-            keys = self.model.keys(x1, x2)
-            mark("momentum forward")
-            loss = self.model.loss(q1, q2, *keys)
+            targets = self.model.targets(batch)
+            mark("targets")
+            loss = self.model.losses(outputs, targets, batch)["loss"]
             mark("loss")
         if self.scaler is not None:
             self.scaler.scale(loss).backward()
@@ -222,6 +239,7 @@ def row(trainer: Trainer, times: list[float], peak: float, phase_reps: int) -> d
     cuda = trainer.device.type == "cuda"
     return {
         "mode": "baseline" if setup.baseline else "ours",
+        "method": setup.method,
         "arch": setup.arch,
         "batch": setup.batch,
         "img_size": setup.img_size,
@@ -244,6 +262,7 @@ def row(trainer: Trainer, times: list[float], peak: float, phase_reps: int) -> d
 
 def main(argv=None) -> list[dict]:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--method", default="mocov3", choices=["mocov3", "sit"])
     parser.add_argument("--arch", default="vit_small", choices=sorted(ARCH_SPECS))
     parser.add_argument("--batch", type=int, default=32)
     parser.add_argument("--img-size", type=int, default=224)
@@ -285,6 +304,7 @@ def main(argv=None) -> list[dict]:
                     args.data,
                     args.backend,
                     args.uint8_views,
+                    args.method,
                 )
             )
         rows += run(setups, device, args.steps, peak)
@@ -310,6 +330,7 @@ def print_summary(rows: list[dict]) -> None:
     )
     columns = [
         "mode",
+        "method",
         "arch",
         "batch",
         "precision",

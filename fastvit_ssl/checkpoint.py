@@ -12,6 +12,8 @@ from typing import Any
 
 import torch
 
+from fastvit_ssl.config import from_dict, method_section
+
 log = logging.getLogger(__name__)
 
 PATTERN = re.compile(r"^ckpt-(\d+)\.pt$")
@@ -126,19 +128,20 @@ def load(path: Path) -> dict[str, Any]:
 
 
 def check_compatible(stored_cfg: dict[str, Any], current_cfg: dict[str, Any], path: Path) -> None:
-    """The model and method sections decide the parameter shapes: they must match."""
-    for section in ("model", "moco"):
-        stored, current = stored_cfg.get(section, {}), current_cfg[section]
-        diffs = [
-            f"{section}.{k}: checkpoint {stored.get(k)!r}, this run {v!r}"
-            for k, v in current.items()
-            if stored.get(k) != v
-        ]
-        if diffs:
-            raise IncompatibleCheckpoint(
-                f"checkpoint {path} was written for another model ({'; '.join(diffs)}). "
-                "Use the checkpoint's settings, or start a new run (another run.name, or resume=none)."
-            )
+    """The model, the method and the method's own section decide the parameters: they must match. Keys a stored
+    config lacks (written before they existed) count as their defaults."""
+    stored_full, current = from_dict(stored_cfg).to_dict(), from_dict(current_cfg)
+    diffs = [
+        f"{section}.{k}: checkpoint {stored_full[section][k]!r}, this run {v!r}"
+        for section in ("model", "method", method_section(current))
+        for k, v in current.to_dict()[section].items()
+        if stored_full[section][k] != v
+    ]
+    if diffs:
+        raise IncompatibleCheckpoint(
+            f"checkpoint {path} was written for another model or method ({'; '.join(diffs)}). "
+            "Use the checkpoint's settings, or start a new run (another run.name, or resume=none)."
+        )
 
 
 def rng_state() -> dict[str, Any]:

@@ -30,6 +30,14 @@ class ModelConfig:
     frozen_patch_embed: bool = True  # MoCo v3's random frozen patch projection ("stop-grad-conv1")
     global_pool: Literal["token", "avg"] = "token"
     grad_checkpointing: bool = False  # recompute ViT block activations in the backward pass to save memory
+    pos_embed: Literal["sincos", "learned"] = "sincos"  # fixed 2-D sin-cos table (MoCo v3) or learned (SiT)
+    init: Literal["mocov3", "trunc_normal"] = "mocov3"  # MoCo v3's xavier init, or DeiT's truncated normal (0.02)
+    num_heads: int = 0  # 0: the arch's (MoCo v3's ViT-S has 12 heads, DeiT's and SiT's 6)
+
+
+@dataclass
+class MethodConfig:
+    name: Literal["mocov3", "sit"] = "mocov3"  # its settings live in the section of that name (mocov3: moco)
 
 
 @dataclass
@@ -42,6 +50,24 @@ class MocoConfig:
 
 
 @dataclass
+class SitConfig:
+    """SiT (Ahmed et al. 2021): group-masked model learning + contrastive learning against a momentum teacher."""
+
+    dim: int = 256  # output of the contrastive head
+    mlp_dim: int = 4096  # hidden width of the contrastive head
+    temperature: float = 0.2
+    momentum: float = 0.996  # teacher EMA at the start; rises to 1 on a half-cosine when momentum_cosine
+    momentum_cosine: bool = True
+    recon_weight: float = 1.0  # lambda of the reconstruction loss (the official README uses 5 on small data)
+    corrupt_fraction: float = 0.5  # each view: random rectangles until at least this fraction is covered
+    corrupt_fill: Literal["zeros", "noise", "self"] = "zeros"  # self: content from elsewhere in the same image
+    max_side: float = 0.3  # rectangle sides from 1 pixel to below this fraction of the image side
+    replace_prob: float = 0.5  # per image, the corruption is instead...
+    replace_fraction: float = 0.3  # ...this fraction replaced by the same regions of another image of the batch
+    drop_path: float = 0.1  # stochastic depth of the student
+
+
+@dataclass
 class DataConfig:
     root: str = ""  # folder holding train/ (and val/ for kNN) as class sub-folders; "" builds the demo data set
     backend: Literal["auto", "torch", "dali"] = "auto"  # auto: DALI where it is installed, else Pillow + torch
@@ -49,6 +75,7 @@ class DataConfig:
     num_workers: int = 8  # loader processes per rank
     min_scale: float = 0.08  # smallest crop area of RandomResizedCrop
     uint8_views: bool = False  # views as [B, S, S, 3] uint8: 4x fewer bytes to the GPU, normalised in the encoder
+    interpolation: Literal["bilinear", "bicubic"] = "bilinear"  # of the random resized crop (SiT: bicubic)
 
 
 @dataclass
@@ -63,7 +90,10 @@ class OptimConfig:
     trust_coefficient: float = 0.001  # LARS
     epochs: int = 300
     warmup_epochs: float = 40
-    clip_grad: float = 0.0  # max global grad norm; 0 disables clipping
+    min_lr: float = 0.0  # the cosine ends here (not scaled by the batch)
+    weight_decay_end: float = -1.0  # >= 0: weight decay follows a cosine from weight_decay to this; < 0: constant
+    clip_grad: float = 0.0  # max gradient norm; 0 disables clipping
+    clip_mode: Literal["global", "per_tensor"] = "global"  # one norm over all tensors, or each tensor on its own
 
 
 @dataclass
@@ -103,7 +133,9 @@ class RunConfig:
 @dataclass
 class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
+    method: MethodConfig = field(default_factory=MethodConfig)
     moco: MocoConfig = field(default_factory=MocoConfig)
+    sit: SitConfig = field(default_factory=SitConfig)
     data: DataConfig = field(default_factory=DataConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
@@ -237,14 +269,59 @@ def validate(cfg: Config) -> None:
     for ok, message in checks:
         if not ok:
             raise ConfigError(message)
-    if cfg.run.kernels == "fused" and cfg.moco.dim > FUSED_CONTRASTIVE_MAX_DIM:
+    section = method_section(cfg)
+    dim = getattr(cfg, section).dim
+    if cfg.run.kernels == "fused" and dim > FUSED_CONTRASTIVE_MAX_DIM:
         raise ConfigError(
-            f"moco.dim={cfg.moco.dim}: the fused contrastive kernel takes at most {FUSED_CONTRASTIVE_MAX_DIM} "
-            "features; use run.kernels=reference or a smaller moco.dim"
+            f"{section}.dim={dim}: the fused contrastive kernel takes at most {FUSED_CONTRASTIVE_MAX_DIM} "
+            f"features; use run.kernels=reference or a smaller {section}.dim"
         )
-    patch = ARCH_SPECS[cfg.model.arch].patch_size
-    if cfg.model.img_size % patch:
-        raise ConfigError(f"model.img_size={cfg.model.img_size} must be a multiple of {cfg.model.arch}'s patch {patch}")
+    spec = ARCH_SPECS[cfg.model.arch]
+    if cfg.model.img_size % spec.patch_size:
+        raise ConfigError(
+            f"model.img_size={cfg.model.img_size} must be a multiple of {cfg.model.arch}'s patch {spec.patch_size}"
+        )
+    heads = cfg.model.num_heads or spec.num_heads
+    if cfg.model.num_heads < 0 or spec.embed_dim % heads:
+        raise ConfigError(
+            f"model.num_heads={cfg.model.num_heads} must divide {cfg.model.arch}'s width {spec.embed_dim}"
+        )
+    if cfg.method.name == "sit":
+        validate_sit(cfg)
+    if cfg.optim.clip_mode == "per_tensor" and cfg.engine.name == "deepspeed":
+        raise ConfigError(
+            "optim.clip_mode=per_tensor is not available under DeepSpeed, which clips by the global norm inside its "
+            "step; use optim.clip_mode=global or engine.name=local"
+        )
+
+
+def validate_sit(cfg: Config) -> None:
+    sit, side = cfg.sit, cfg.model.img_size
+    checks = [
+        (sit.dim > 0 and sit.mlp_dim > 0, "sit.dim and sit.mlp_dim must be positive"),
+        (sit.temperature > 0, "sit.temperature must be positive (SiT uses 0.2)"),
+        (0 <= sit.momentum <= 1, "sit.momentum must lie in [0, 1] (SiT uses 0.996)"),
+        (sit.recon_weight >= 0, "sit.recon_weight must be >= 0"),
+        (0 < sit.corrupt_fraction < 1, "sit.corrupt_fraction must lie in (0, 1) (SiT uses 0.5)"),
+        (0 <= sit.replace_prob <= 1, "sit.replace_prob must lie in [0, 1]"),
+        (0 < sit.replace_fraction < 1, "sit.replace_fraction must lie in (0, 1) (SiT uses 0.3)"),
+        (0 <= sit.drop_path < 1, "sit.drop_path must lie in [0, 1)"),
+        (
+            1 < int(side * sit.max_side) < side,
+            f"sit.max_side={sit.max_side} of a {side}px image must allow rectangles of 1 to "
+            f"{int(side * sit.max_side) - 1} pixels; use a larger value or model.img_size",
+        ),
+        (cfg.model.global_pool == "token", "SiT reads the class token: use model.global_pool=token"),
+        (not ARCH_SPECS[cfg.model.arch].conv_stem, "SiT reconstructs patches: use an arch without the conv stem"),
+    ]
+    for ok, message in checks:
+        if not ok:
+            raise ConfigError(message)
+
+
+def method_section(cfg: Config) -> str:
+    """The config section that holds the settings of cfg.method.name."""
+    return {"mocov3": "moco"}.get(cfg.method.name, cfg.method.name)
 
 
 def save_yaml(cfg: Config, path: Path) -> None:

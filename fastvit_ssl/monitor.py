@@ -155,13 +155,16 @@ def plot_metrics(rows: list[dict], out: Path) -> Path | None:
 
     layers = sorted({k for r in rows for k in r if k.startswith("grad/")})
     shown_layers = layers if len(layers) <= 6 else [layers[0], layers[len(layers) // 2], *layers[-3:]]
+    parts = sorted({k for r in rows for k in r if k.startswith("loss/")})
+    scheduled_wd = len({r["weight_decay"] for r in rows if "weight_decay" in r}) > 1
     panels = [
-        ("contrastive loss", ["loss"], "loss_spike"),
+        ("loss", ["loss", *parts], "loss_spike"),
         ("kNN top-1 (%)", ["knn_top1"], "knn_dip"),
         ("gradient norm (total)", ["grad_norm"], None),
         ("gradient norm by layer", shown_layers, None),
         ("learning rate", ["lr"], None),
         ("momentum m", ["momentum"], None),
+        *([("weight decay", ["weight_decay"], None)] if scheduled_wd else []),
     ]
     panels = [p for p in panels if any(k in r for r in rows for k in p[1])]
     if not panels:
@@ -174,7 +177,7 @@ def plot_metrics(rows: list[dict], out: Path) -> Path | None:
                 *zip(*points),
                 marker="o" if len(points) < 30 else None,
                 linewidth=1,
-                label=key.removeprefix("grad/") if len(keys) > 1 else None,
+                label=key.removeprefix("grad/").removeprefix("loss/") if len(keys) > 1 else None,
             )
         marks = [(r["step"], r["value"]) for r in rows if event and r.get("event") == event]
         if marks:

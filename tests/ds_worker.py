@@ -1,4 +1,4 @@
-"""Run by tests/test_deepspeed.py: a few MoCo v3 steps on a fixed global batch with the DeepSpeed engine under
+"""Run by tests/test_deepspeed.py: a few MoCo v3 (and SiT) steps on a fixed global batch with the DeepSpeed engine under
 torchrun (gloo, CPU), or with the local engine in one process as the reference. Rank 0 saves, per experiment,
 the losses and the full fp32 weights of the trained network.
 
@@ -15,11 +15,13 @@ from fastvit_ssl import distributed
 from fastvit_ssl.config import load
 from fastvit_ssl.engine.local import LocalEngine
 from fastvit_ssl.kernels.dispatch import REFERENCE_OPS
-from fastvit_ssl.methods.mocov3 import build_mocov3
+from fastvit_ssl.methods.build import build_method
 from fastvit_ssl.optim.build import build_optimizer
+from fastvit_ssl.optim.schedules import Hyperparameters
 
 STEPS = 4
 LR = {"adamw": 2e-3, "lars": 0.3, "lamb": 5e-3}
+WEIGHT_DECAY = 0.1  # the schema's default
 BASE = [
     "model.arch=vit_demo",
     "model.img_size=14",
@@ -28,6 +30,8 @@ BASE = [
     "data.batch_size=8",
     "model.frozen_patch_embed=false",
 ]
+# SiT without its two per-rank random parts (drop path, the replacement's partner), so ranks can equal one process
+SIT = ["method.name=sit", "sit.dim=16", "sit.mlp_dim=32", "sit.drop_path=0", "sit.replace_prob=0"]
 
 
 def views(step: int) -> list[torch.Tensor]:
@@ -48,8 +52,9 @@ def full_weights(engine) -> dict[str, torch.Tensor]:
     return {k: safe_get_full_fp32_param(p).detach().clone() for k, p in trained}
 
 
-def make_engine(kind: str, optimizer: str, stage: int, layout: bool = True, precision: str = "fp32"):
+def make_engine(kind: str, optimizer: str, stage: int, layout: bool = True, precision: str = "fp32", method=()):
     overrides = [
+        *method,
         f"optim.name={optimizer}",
         f"engine.name={kind}",
         f"engine.zero_stage={stage}",
@@ -57,9 +62,9 @@ def make_engine(kind: str, optimizer: str, stage: int, layout: bool = True, prec
     ]
     cfg = load(None, [*BASE, *overrides])
     torch.manual_seed(0)
-    model = build_mocov3(cfg)
+    model = build_method(cfg)
     if kind == "local":
-        return LocalEngine(model, build_optimizer(cfg.optim, model), torch.device("cpu")), cfg
+        return LocalEngine(model, build_optimizer(cfg.optim, model.param_groups()), torch.device("cpu")), cfg
     from fastvit_ssl.engine.deepspeed_engine import DeepSpeedEngine
 
     engine = DeepSpeedEngine(model, cfg, torch.device("cpu"), REFERENCE_OPS)
@@ -68,8 +73,12 @@ def make_engine(kind: str, optimizer: str, stage: int, layout: bool = True, prec
     return engine, cfg
 
 
+def hparams(optimizer: str) -> Hyperparameters:
+    return Hyperparameters(LR[optimizer], WEIGHT_DECAY, momentum=0.99)
+
+
 def train(engine, optimizer: str, steps=range(STEPS)) -> list[float]:
-    return [engine.step(views(s), LR[optimizer], momentum=0.99)[0]["loss"].item() for s in steps]
+    return [engine.step(views(s), s, hparams(optimizer))[0]["loss"].item() for s in steps]
 
 
 def experiments(kind: str, tmp: Path) -> dict:
@@ -78,6 +87,9 @@ def experiments(kind: str, tmp: Path) -> dict:
     for optimizer, stage in runs if kind == "deepspeed" else [("lars", 0), ("lamb", 0), ("adamw", 0)]:
         engine, _ = make_engine(kind, optimizer, stage)
         results[f"{optimizer}-zero{stage}"] = {"losses": train(engine, optimizer), "weights": full_weights(engine)}
+    for stage in [2, 3] if kind == "deepspeed" else [0]:
+        engine, _ = make_engine(kind, "adamw", stage, method=SIT)
+        results[f"sit-zero{stage}"] = {"losses": train(engine, "adamw"), "weights": full_weights(engine)}
     if kind == "deepspeed":
         engine, _ = make_engine(kind, "lars", 2, layout=False)
         results["lars-zero2-per-shard"] = {"losses": train(engine, "lars"), "weights": full_weights(engine)}
@@ -101,7 +113,7 @@ def nan_gradient_step(engine) -> dict:
     weight = engine.model.online.base_encoder.blocks[0].mlp.fc1.weight
     buffers = [b.clone() for b in engine.model.buffers()]
     hook = weight.register_hook(lambda grad: grad * float("nan"))
-    metrics, finite = engine.step(views(2), LR["adamw"], momentum=0.99)
+    metrics, finite = engine.step(views(2), 2, hparams("adamw"))
     hook.remove()
     changed = max((full_weights(engine)[k] - before[k]).abs().max().item() for k in before)
     changed = max([changed] + [(b - a).abs().max().item() for a, b in zip(buffers, engine.model.buffers())])

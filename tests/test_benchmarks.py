@@ -6,6 +6,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 REPO = Path(__file__).resolve().parents[1]
 
 
@@ -17,13 +19,18 @@ def run_script(name: str, args: list[str], out: Path) -> list[dict]:
         return list(csv.DictReader(f))
 
 
-def test_throughput_compares_ours_on_uint8_views_with_the_baseline(tmp_path):
+@pytest.mark.parametrize("method", ["mocov3", "sit"])
+def test_throughput_compares_ours_on_uint8_views_with_the_baseline(tmp_path, method):
     args = ["--compare", "--arch", "vit_demo", "--img-size", "28", "--batch", "8", "--steps", "1", "--uint8-views"]
-    rows = run_script("throughput.py", args, tmp_path / "throughput.csv")
-    assert [(r["mode"], r["views"]) for r in rows] == [("ours", "uint8"), ("baseline", "float")]
+    rows = run_script("throughput.py", [*args, "--method", method], tmp_path / "throughput.csv")
+    assert [(r["mode"], r["views"], r["method"]) for r in rows] == [
+        ("ours", "uint8", method),
+        ("baseline", "float", method),
+    ]
     for r in rows:
         assert float(r["images_per_second"]) > 0 and float(r["step_ms"]) > 0 and float(r["MFU"]) > 0
-        assert all(float(r[f"{phase} ms"]) >= 0 for phase in ("data", "forward", "ema", "backward", "optimizer"))
+        phases = ("data", "prepare", "forward", "ema", "targets", "loss", "backward", "optimizer")
+        assert all(float(r[f"{phase} ms"]) >= 0 for phase in phases)
     assert (tmp_path / "throughput.json").exists()
 
 

@@ -52,6 +52,13 @@ def test_zero_partitioned_lars_matches_the_single_process_reference(results, run
     assert max_diff(ours, reference) < 1e-5  # measured: 7e-7 after 4 steps
 
 
+@pytest.mark.parametrize("stage", [2, 3])
+def test_sit_under_zero_follows_the_single_process_run(results, stage):
+    ours, reference = results[0][f"sit-zero{stage}"], results[1]["sit-zero0"]
+    torch.testing.assert_close(torch.tensor(ours["losses"]), torch.tensor(reference["losses"]), rtol=1e-4, atol=1e-5)
+    assert max_diff(ours["weights"], reference["weights"], matrices_only=True) < 1e-4
+
+
 def test_zero_partitioned_lamb_matches_the_single_process_reference(results):
     ours, reference = results[0]["lamb-zero2"]["weights"], results[1]["lamb-zero0"]["weights"]
     # Matrices carry the trust ratios. Vectors take plain Adam steps, which turn gradients that are zero up to

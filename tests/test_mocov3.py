@@ -16,11 +16,11 @@ def test_loss_is_the_symmetric_contrastive_loss_of_the_paper():
     model = tiny_model()
     x1, x2 = torch.randn(2, 6, 3, 14, 14)
     reference = tiny_model()  # same weights; run the official per-view computation by hand
-    loss = model(x1, x2, momentum=0.99)
-    q1 = reference.predictor(reference.base_projector(reference.base_encoder(x1)))
-    q2 = reference.predictor(reference.base_projector(reference.base_encoder(x2)))
+    loss = model.step_losses([x1, x2], step=0, momentum=0.99)["loss"]
+    q1 = reference.online.predictor(reference.online.base_projector(reference.online.base_encoder(x1)))
+    q2 = reference.online.predictor(reference.online.base_projector(reference.online.base_encoder(x2)))
     with torch.no_grad():
-        reference.update_momentum_encoder(0.99)
+        reference.update_ema(0.99)
         k1 = reference.momentum_projector(reference.momentum_encoder(x1))
         k2 = reference.momentum_projector(reference.momentum_encoder(x2))
     expected = contrastive_loss_ref(q1, k2, 0.2) + contrastive_loss_ref(q2, k1, 0.2)
@@ -29,25 +29,28 @@ def test_loss_is_the_symmetric_contrastive_loss_of_the_paper():
 
 def test_momentum_encoder_starts_equal_gets_no_gradient_and_follows_the_ema():
     model = tiny_model()
-    for b, m in zip(model.base_encoder.parameters(), model.momentum_encoder.parameters()):
+    for b, m in zip(model.online.base_encoder.parameters(), model.momentum_encoder.parameters()):
         assert torch.equal(b, m) and not m.requires_grad
-    model(*torch.randn(2, 4, 3, 14, 14), momentum=0.9).backward()
+    model.step_losses(list(torch.randn(2, 4, 3, 14, 14)), step=0, momentum=0.9)["loss"].backward()
     assert all(p.grad is None for p in model.momentum_encoder.parameters())
     assert all(p.grad is None for p in model.momentum_projector.parameters())
     with torch.no_grad():
-        for p in model.base_encoder.parameters():
+        for p in model.online.base_encoder.parameters():
             if p.requires_grad:
                 p.add_(1.0)
     before = [p.clone() for p in model.momentum_encoder.parameters()]
-    model.update_momentum_encoder(0.9)
-    for b, m, old in zip(model.base_encoder.parameters(), model.momentum_encoder.parameters(), before):
+    model.update_ema(0.9)
+    for b, m, old in zip(model.online.base_encoder.parameters(), model.momentum_encoder.parameters(), before):
         torch.testing.assert_close(m, 0.9 * old + 0.1 * b if b.requires_grad else old)
 
 
 def test_frozen_patch_projection_stays_identical_in_both_encoders():
     model = tiny_model()
-    assert model.base_encoder.patch_embed.proj.weight.grad is None
-    model.update_momentum_encoder(0.5)
-    assert torch.equal(model.base_encoder.patch_embed.proj.weight, model.momentum_encoder.patch_embed.proj.weight)
+    assert model.online.base_encoder.patch_embed.proj.weight.grad is None
+    model.update_ema(0.5)
+    assert torch.equal(
+        model.online.base_encoder.patch_embed.proj.weight, model.momentum_encoder.patch_embed.proj.weight
+    )
     trained = [name for name, p in model.named_parameters() if p.requires_grad]
-    assert not any(name.startswith("base_encoder.patch_embed") for name in trained)
+    assert not any(name.startswith("online.base_encoder.patch_embed") for name in trained)
+    assert any(name.startswith("online.base_encoder.blocks") for name in trained)

@@ -9,6 +9,7 @@ from fastvit_ssl.optim import schedules
 from fastvit_ssl.optim.build import build_optimizer
 from fastvit_ssl.optim.lamb import LAMB
 from fastvit_ssl.optim.lars import LARS
+from fastvit_ssl.optim.schedules import Hyperparameters, set_hyperparameters
 
 
 def test_learning_rate_schedule():
@@ -94,10 +95,16 @@ def test_bf16_parameters_keep_fp32_state(optimizer):
 
 
 @pytest.mark.parametrize("name, kind", [("adamw", torch.optim.AdamW), ("lars", LARS), ("lamb", LAMB)])
-def test_build_optimizer_takes_only_trainable_parameters(name, kind):
+def test_build_optimizer_decays_only_the_groups_that_say_so(name, kind):
     model = nn.Sequential(nn.Linear(3, 4), nn.Linear(4, 2))
-    model[0].requires_grad_(False)
-    opt = build_optimizer(OptimConfig(name=name), model)
+    groups = [
+        {"params": [model[0].weight, model[1].weight], "decay": True},
+        {"params": [model[1].bias], "decay": False},
+    ]
+    opt = build_optimizer(OptimConfig(name=name, weight_decay=0.3), groups + [{"params": [], "decay": True}])
     assert isinstance(opt, kind)
-    assert [p for g in opt.param_groups for p in g["params"]] == list(model[1].parameters())
+    assert [g["weight_decay"] for g in opt.param_groups] == [0.3, 0.0]  # the empty group is dropped
+    assert [p for g in opt.param_groups for p in g["params"]] == [model[0].weight, model[1].weight, model[1].bias]
     assert opt.param_groups[0]["lr"] == 0.0
+    set_hyperparameters(opt, Hyperparameters(lr=0.5, weight_decay=0.05, momentum=1.0))
+    assert [(g["lr"], g["weight_decay"]) for g in opt.param_groups] == [(0.5, 0.05), (0.5, 0.0)]

@@ -14,6 +14,14 @@ from fastvit_ssl.monitor import read_metrics
 from launch import ENV_1_THREAD, TORCHRUN_2
 
 REPO = Path(__file__).resolve().parents[1]
+SIT = [
+    "method.name=sit",
+    "sit.dim=16",
+    "sit.mlp_dim=32",
+    "model.pos_embed=learned",
+    "model.init=trunc_normal",
+    "model.frozen_patch_embed=false",
+]
 
 
 def losses(run_dir: Path) -> dict[int, float]:
@@ -55,6 +63,24 @@ def test_checkpoint_of_another_model_is_refused(tiny_overrides):
         train.main([*tiny_overrides, "model.global_pool=avg"])
     with pytest.raises(CheckpointError, match="already holds checkpoints"):
         train.main([*tiny_overrides, "run.resume=none"])
+    with pytest.raises(CheckpointError, match="method.name: checkpoint 'mocov3', this run 'sit'"):
+        train.main([*tiny_overrides, *SIT])
+
+
+def test_sit_trains_writes_its_pictures_and_resumes_exactly(tiny_overrides):
+    full = train.main([*tiny_overrides, *SIT, "run.name=sit-full"])
+    run_dir = Path(full["run_dir"])
+    assert full["steps"] == 6 and 0 <= full["knn_top1_pretrained"] <= 100
+    assert (run_dir / "reconstructions.png").stat().st_size > 1000
+    rows = [r for r in read_metrics(run_dir / "metrics.jsonl") if "loss" in r]
+    assert all(r["loss"] == pytest.approx(r["loss/contrastive"] + r["loss/reconstruction"]) for r in rows)
+    assert rows[0]["weight_decay"] == 0.1 and rows[0]["momentum"] == 0.996  # the schema's: constant decay here
+    state = checkpoint.load(Path(full["checkpoint"]))
+    assert state["config"]["method"]["name"] == "sit" and "teacher_encoder.pos_embed" in state["model"]
+    cut = [*tiny_overrides, *SIT, "run.name=sit-cut", "eval.knn_every_epochs=0"]
+    assert train.main([*cut, "run.stop_at_step=4"])["steps"] == 4
+    resumed = train.main(cut)
+    assert losses(Path(resumed["run_dir"])) == losses(run_dir)  # bit for bit, corruption included
 
 
 def test_damaged_newest_checkpoint_falls_back_to_the_previous(tiny_overrides, caplog):

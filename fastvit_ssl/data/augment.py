@@ -35,13 +35,17 @@ class ViewAugment:
     mean: tuple[float, float, float] = IMAGENET_MEAN
     std: tuple[float, float, float] = IMAGENET_STD
     uint8: bool = False  # hand over [size, size, 3] uint8 instead: the encoder normalises (data.uint8_views)
+    interpolation: str = "bilinear"  # of the crop's resize: bilinear (MoCo v3) or bicubic (SiT, DINO)
 
 
-def moco_v3_views(size: int, min_scale: float = 0.08, num_views: int = 2, uint8: bool = False) -> list[ViewAugment]:
-    """The recipe's views; beyond two, views alternate between the two kinds."""
+def moco_v3_views(
+    size: int, min_scale: float = 0.08, num_views: int = 2, uint8: bool = False, interpolation: str = "bilinear"
+) -> list[ViewAugment]:
+    """The recipe's views; beyond two, views alternate between the two kinds. (SiT's views are these with bicubic
+    resizing and crops of 0.2-1.)"""
     kinds = [
-        ViewAugment(size, min_scale, blur_prob=1.0, solarize_prob=0.0, uint8=uint8),
-        ViewAugment(size, min_scale, blur_prob=0.1, solarize_prob=0.2, uint8=uint8),
+        ViewAugment(size, min_scale, blur_prob=1.0, solarize_prob=0.0, uint8=uint8, interpolation=interpolation),
+        ViewAugment(size, min_scale, blur_prob=0.1, solarize_prob=0.2, uint8=uint8, interpolation=interpolation),
     ]
     return [kinds[i % 2] for i in range(num_views)]
 

@@ -36,7 +36,9 @@ def resolve_root(cfg: Config) -> Path:
 def build_train_data(cfg: Config, root: Path, device: torch.device):
     """(loader of this rank's share of every global batch, the [(path, label)] of root/train, class names): Pillow +
     torch or DALI, ImageFolder tree or webdataset shards (root/train/*.tar, DALI only; no samples, no classes)."""
-    views = moco_v3_views(cfg.model.img_size, cfg.data.min_scale, uint8=cfg.data.uint8_views)
+    views = moco_v3_views(
+        cfg.model.img_size, cfg.data.min_scale, uint8=cfg.data.uint8_views, interpolation=cfg.data.interpolation
+    )
     tars = sorted(str(p) for p in (root / "train").glob("*.tar"))
     use_dali = cfg.data.backend == "dali" or (cfg.data.backend == "auto" and dali_available())
     if use_dali and not dali_available():
@@ -82,6 +84,11 @@ def build_eval_data(cfg: Config, root: Path, train_samples: list, classes: list[
         return None
     val_samples, _ = scan_image_folder(root / "val", classes)
     return tuple(
-        DataLoader(EvalDataset(s, cfg.model.img_size), batch_size=batch_size, num_workers=min(cfg.data.num_workers, 4))
+        DataLoader(
+            EvalDataset(s, cfg.model.img_size),
+            batch_size=batch_size,
+            num_workers=min(cfg.data.num_workers, 4),
+            generator=torch.Generator(),  # iterating draws a worker seed: not from the global RNG training uses
+        )
         for s in (train_samples, val_samples)
     )

@@ -51,6 +51,7 @@ def augment(images, view: ViewAugment):
         random_aspect_ratio=(view.min_ratio, view.max_ratio),
         num_attempts=10,
         antialias=True,
+        interp_type=types.INTERP_CUBIC if view.interpolation == "bicubic" else types.INTERP_LINEAR,
     )
     if fn.random.coin_flip(probability=view.jitter_prob):
         # Contrast pivots on the image's mean gray level, as torchvision's does (DALI's default pivot is mid-range).

@@ -50,19 +50,26 @@ def main(argv: list[str] | None = None) -> Path:
     return plot_grid(columns, args.out)
 
 
-def plot_grid(columns: dict[str, list[torch.Tensor]], out: Path) -> Path:
+def plot_grid(columns: dict[str, list[torch.Tensor]], out: Path, by_rows: bool = False) -> Path:
+    """Images in titled columns (or, `by_rows`, titled rows) of one figure."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    rows = len(next(iter(columns.values())))
-    fig, axes = plt.subplots(rows, len(columns), figsize=(2 * len(columns), 2 * rows), squeeze=False)
+    length = len(next(iter(columns.values())))
+    rows, cols = (len(columns), length) if by_rows else (length, len(columns))
+    fig, axes = plt.subplots(rows, cols, figsize=(2 * cols, 2 * rows), squeeze=False)
     for c, (title, images) in enumerate(columns.items()):
-        axes[0][c].set_title(title, fontsize=9)
         for r, image in enumerate(images):
-            axes[r][c].imshow(to_image(image))
-            axes[r][c].axis("off")
+            ax = axes[c][r] if by_rows else axes[r][c]
+            ax.imshow(to_image(image))
+            ax.set_xticks([])
+            ax.set_yticks([])
+        if by_rows:
+            axes[c][0].set_ylabel(title, fontsize=9)
+        else:
+            axes[0][c].set_title(title, fontsize=9)
     fig.tight_layout()
     fig.savefig(out, dpi=100)
     plt.close(fig)

@@ -62,7 +62,8 @@ def augment_image(img: Image.Image, view: ViewAugment, rng: random.Random) -> Im
     """RGB image -> RGB image of the view's size, in the official order: crop, jitter, grayscale, blur, solarize,
     flip."""
     left, top, w, h = sample_crop(img.width, img.height, view, rng)
-    img = img.resize((view.size, view.size), Image.BILINEAR, box=(left, top, left + w, top + h))
+    resample = Image.BICUBIC if view.interpolation == "bicubic" else Image.BILINEAR
+    img = img.resize((view.size, view.size), resample, box=(left, top, left + w, top + h))
     if rng.random() < view.jitter_prob:
         img = color_jitter(img, view, rng)
     if rng.random() < view.grayscale_prob:
@@ -184,6 +185,7 @@ class TorchViewLoader:
             collate_fn=collate_views,
             pin_memory=pin_memory,
             persistent_workers=num_workers > 0,
+            generator=torch.Generator().manual_seed(seed),  # not the global RNG, which a resume restores
         )
 
     def start(self, epoch: int, first_batch: int = 0) -> None:

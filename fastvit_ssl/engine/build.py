@@ -9,16 +9,16 @@ import torch
 from fastvit_ssl.config import Config, ConfigError
 from fastvit_ssl.engine.local import LocalEngine
 from fastvit_ssl.kernels.dispatch import Ops
-from fastvit_ssl.methods.mocov3 import MoCoV3
+from fastvit_ssl.methods.base import Method
 from fastvit_ssl.optim.build import build_optimizer
 
 
-def build_engine(cfg: Config, model: MoCoV3, device: torch.device, ops: Ops):
+def build_engine(cfg: Config, model: Method, device: torch.device, ops: Ops):
     if cfg.engine.name == "deepspeed":
         if importlib.util.find_spec("deepspeed") is None:
             raise ConfigError("engine.name=deepspeed but DeepSpeed is not installed: pip install deepspeed")
         from fastvit_ssl.engine.deepspeed_engine import DeepSpeedEngine
 
         return DeepSpeedEngine(model, cfg, device, ops)
-    optimizer = build_optimizer(cfg.optim, model, ops)
-    return LocalEngine(model, optimizer, device, cfg.run.precision, cfg.optim.clip_grad)
+    optimizer = build_optimizer(cfg.optim, model.param_groups(), ops)
+    return LocalEngine(model, optimizer, device, cfg.run.precision, cfg.optim.clip_grad, cfg.optim.clip_mode)

@@ -16,7 +16,9 @@ import torch
 
 from fastvit_ssl import checkpoint
 from fastvit_ssl.checkpoint import CheckpointError
+from fastvit_ssl.config import from_dict
 from fastvit_ssl.engine.deepspeed_engine import META
+from fastvit_ssl.methods.build import method_class
 
 
 def find_checkpoint(path: Path) -> Path:
@@ -37,11 +39,13 @@ def consolidate(folder: Path, out: Path) -> Path:
     states = sorted(folder.glob("*mp_rank_00_model_states.pt"))
     momentum = torch.load(states[0], map_location="cpu", weights_only=True)["momentum"]
     model = {f"online.{k}": v for k, v in trained.items()} | momentum
-    # Frozen tensors (random patch projection, sin-cos table) are not in the optimizer's shards; the momentum
-    # encoder holds identical copies of them.
-    for key, value in momentum.items():
-        if key.startswith("momentum_encoder."):
-            model.setdefault("online.base_encoder." + key.removeprefix("momentum_encoder."), value.clone())
+    # Frozen tensors (random patch projection, sin-cos table) are not in the optimizer's shards; the EMA copies of
+    # the trained modules hold identical copies of them.
+    copies = method_class(from_dict(meta["config"]).method.name).ema_modules
+    for trained_name, copy_name in copies.items():
+        for key, value in momentum.items():
+            if key.startswith(copy_name + "."):
+                model.setdefault(trained_name + key.removeprefix(copy_name), value.clone())
     return checkpoint.save(out, {"step": meta["step"], "config": meta["config"], "model": model})
 
 

@@ -1,9 +1,9 @@
 """The DeepSpeed engine: ZeRO stage 0-3 and bf16 through `deepspeed.initialize`, the same interface as LocalEngine.
 
-DeepSpeed wraps only the trained QueryNetwork (base encoder, projector, predictor). The momentum encoder and
-projector stay outside, as an fp32 replica on every rank: in bf16 storage an EMA with m -> 1 would lose its
-updates (1 - m is below bf16's resolution), and the key forward pass needs all their weights anyway. After every
-step they move towards the engine's current base weights:
+DeepSpeed wraps only the method's trained module (`online`: for MoCo v3 base encoder, projector, predictor). The
+EMA networks (momentum encoder and projector, SiT's teacher) stay outside, as an fp32 replica on every rank: in
+bf16 storage an EMA with m -> 1 would lose its updates (1 - m is below bf16's resolution), and the target forward
+pass needs all their weights anyway. Every step they move towards the engine's current trained weights:
 - ZeRO 0/1/2: the base weights are whole on every rank; the EMA reads them directly.
 - ZeRO-3: the base weights are partitioned; they are gathered one transformer block at a time
   (deepspeed.zero.GatheredParameters) for the EMA, so the transient cost is one block's weights.
@@ -22,12 +22,14 @@ from collections import defaultdict
 from pathlib import Path
 
 import torch
+from torch.utils._pytree import tree_map
 
 from fastvit_ssl import checkpoint, distributed
 from fastvit_ssl.config import Config, to_deepspeed
 from fastvit_ssl.kernels.dispatch import Ops
-from fastvit_ssl.methods.mocov3 import MoCoV3
+from fastvit_ssl.methods.base import Method
 from fastvit_ssl.optim.build import build_optimizer
+from fastvit_ssl.optim.schedules import Hyperparameters, set_hyperparameters
 from fastvit_ssl.optim.trust_ratio import Fragment, TrustRatioOptimizer
 
 log = logging.getLogger(__name__)
@@ -36,18 +38,18 @@ META = "fastvit_ssl.json"  # written last into each checkpoint folder: its prese
 
 class DeepSpeedEngine:
     """Args:
-    model: the MoCoV3 module on `device` (fp32); its QueryNetwork is handed to DeepSpeed.
+    model: the method on `device` (fp32); its `online` module is handed to DeepSpeed.
     cfg: the run's config (engine.zero_stage, run.precision, optim.*).
     device: this rank's device.
     ops: fused or reference kernels (LARS/LAMB class, EMA).
     """
 
-    def __init__(self, model: MoCoV3, cfg: Config, device: torch.device, ops: Ops):
+    def __init__(self, model: Method, cfg: Config, device: torch.device, ops: Ops):
         import deepspeed
 
         self.model, self.device, self.stage = model, device, cfg.engine.zero_stage
         self.dtype = torch.bfloat16 if cfg.run.precision == "bf16" else torch.float32
-        client_optimizer = build_optimizer(cfg.optim, model.online, ops)
+        client_optimizer = build_optimizer(cfg.optim, model.param_groups(), ops)
         self.ds, self.optimizer, _, _ = deepspeed.initialize(
             model=model.online, optimizer=client_optimizer, config=to_deepspeed(cfg, distributed.world_size())
         )
@@ -55,20 +57,16 @@ class DeepSpeedEngine:
             params = list(model.online.parameters())
             client_optimizer.partition_like_zero(zero_layout(self.optimizer, params), len(params))
 
-    def step(self, views: list[torch.Tensor], lr: float, momentum: float, poison: bool = False):
-        """One training iteration on this rank's share of the global batch: (detached metrics, finite). A
+    def step(self, views: list[torch.Tensor], step: int, hparams: Hyperparameters, poison: bool = False):
+        """Training iteration `step` on this rank's share of the global batch: (detached metrics, finite). A
         non-finite loss skips backward and update; a non-finite gradient makes ZeRO skip the update itself
         (bf16.check_grad_overflow, set explicitly) and report an infinite norm, which counts as a non-finite step.
         Either way the BN running statistics are restored, as the local engine does."""
-        x1, x2 = (v.to(self.device, non_blocking=True) for v in views[:2])
-        for group in self.optimizer.param_groups:
-            group["lr"] = lr
+        views = [v.to(self.device, non_blocking=True) for v in views]
+        set_hyperparameters(self.optimizer, hparams)
         buffers = [b.clone() for b in self.model.buffers()]  # BN running statistics: small
-        q1, q2 = self.ds(*(x.to(self.dtype) if x.is_floating_point() else x for x in (x1, x2)))  # uint8 stays
-        self.update_momentum_encoder(momentum)  # from the weights of the previous step, as the official code
-        loss = self.model.loss(q1.float(), q2.float(), *self.model.keys(x1, x2))
-        if poison:
-            loss = loss * float("nan")
+        losses = self.model.step_losses(views, step, hparams.momentum, self.forward_online, self.update_ema)
+        loss = losses["loss"] * float("nan") if poison else losses["loss"]
         finite = bool(distributed.all_reduce_mean(torch.isfinite(loss).float()) == 1)  # every rank decides alike
         if finite:
             self.ds.backward(loss)
@@ -78,12 +76,17 @@ class DeepSpeedEngine:
         finite = finite and bool(torch.isfinite(grad_norm))
         if not finite:
             torch._foreach_copy_(list(self.model.buffers()), buffers)
-        return {"loss": loss.detach(), "grad_norm": grad_norm}, finite
+        return {**losses, "loss": loss.detach(), "grad_norm": grad_norm}, finite
+
+    def forward_online(self, *inputs: torch.Tensor):
+        """The engine's module on inputs in its dtype (uint8 images stay), outputs back in fp32 for the losses."""
+        outputs = self.ds(*(x.to(self.dtype) if x.is_floating_point() else x for x in inputs))
+        return tree_map(lambda t: t.float() if torch.is_tensor(t) and t.is_floating_point() else t, outputs)
 
     @torch.no_grad()
-    def update_momentum_encoder(self, momentum: float) -> None:
+    def update_ema(self, momentum: float) -> None:
         if self.stage < 3:
-            self.model.update_momentum_encoder(momentum)
+            self.model.update_ema(momentum)
             return
         import deepspeed
 
@@ -97,9 +100,9 @@ class DeepSpeedEngine:
         return sorted(p for p in root.glob("step*") if (p / META).is_file()) if root.is_dir() else []
 
     def save(self, run_dir: Path, step: int, client_state: dict, keep_last: int) -> Path:
-        """All ranks write their ZeRO shards; rank 0 adds the momentum networks and, last, the meta file."""
+        """All ranks write their ZeRO shards; rank 0 adds the EMA networks and, last, the meta file."""
         root, tag = run_dir / "deepspeed", f"step{step:08d}"
-        momentum = {k: v for k, v in self.model.state_dict().items() if k.startswith("momentum_")}
+        momentum = {k: v for k, v in self.model.state_dict().items() if not k.startswith("online.")}
         self.ds.save_checkpoint(str(root), tag=tag, client_state={**client_state, "momentum": momentum})
         if distributed.is_main():
             (root / tag / META).write_text(json.dumps({"step": step, "config": client_state["config"]}))
@@ -142,7 +145,7 @@ def zero_layout(zero_optimizer, params: list[torch.Tensor]) -> dict[int, list[Fr
     return dict(layout)
 
 
-def _by_block(model: MoCoV3):
+def _by_block(model: Method):
     """(name, base, momentum) EMA pairs grouped by transformer block (and one group for everything else)."""
     groups = defaultdict(list)
     names = {id(p): n for n, p in model.named_parameters()}

@@ -2,7 +2,8 @@
 
 Accepted: a local-engine checkpoint (ckpt-*.pt, DDP runs included), a consolidated DeepSpeed checkpoint, a
 DeepSpeed checkpoint folder or run folder (consolidated on the fly), or a run folder of the local engine (its newest
-checkpoint). The encoder's weights are the keys under `online.base_encoder.` (older `module.` prefixes stripped).
+checkpoint). The encoder's weights are the keys under the method's backbone (`online.base_encoder.` for MoCo v3,
+`online.encoder.` for SiT; older `module.` prefixes stripped).
 """
 
 from __future__ import annotations
@@ -15,10 +16,9 @@ import torch
 from fastvit_ssl import checkpoint
 from fastvit_ssl.checkpoint import CheckpointError
 from fastvit_ssl.config import Config, from_dict
+from fastvit_ssl.methods.build import method_class
 from fastvit_ssl.models.build import build_encoder
 from fastvit_ssl.models.vit import VisionTransformer
-
-PREFIX = "online.base_encoder."
 
 
 def random_encoder(cfg: Config, **overrides) -> VisionTransformer:
@@ -46,15 +46,16 @@ def read_checkpoint(path: Path) -> dict:
     return checkpoint.load(path)
 
 
-def encoder_state(model_state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """The base encoder's tensors with their ViT names."""
+def encoder_state(model_state: dict[str, torch.Tensor], method: str = "mocov3") -> dict[str, torch.Tensor]:
+    """The backbone's tensors with their ViT names, out of the state of a `method` model."""
+    prefix = method_class(method).backbone_name + "."
     out = {}
     for key, value in model_state.items():
         key = key.removeprefix("module.")
-        if key.startswith(PREFIX):
-            out[key[len(PREFIX) :]] = value
+        if key.startswith(prefix):
+            out[key[len(prefix) :]] = value
     if not out:
-        raise CheckpointError(f"no {PREFIX}* tensors: not a fastvit_ssl MoCo v3 checkpoint")
+        raise CheckpointError(f"no {prefix}* tensors: not a fastvit_ssl {method} checkpoint")
     return out
 
 
@@ -86,5 +87,5 @@ def load_encoder(path: Path, **overrides) -> tuple[VisionTransformer, Config]:
     state = read_checkpoint(path)
     cfg = from_dict(state["config"])
     encoder = build_encoder(cfg, **overrides)
-    load_weights(encoder, encoder_state(state["model"]), str(path))
+    load_weights(encoder, encoder_state(state["model"], cfg.method.name), str(path))
     return encoder, cfg

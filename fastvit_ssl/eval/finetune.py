@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
-from fastvit_ssl.config import load
+from fastvit_ssl.config import ConfigError, load
 from fastvit_ssl.data.augment import ViewAugment
 from fastvit_ssl.data.build import resolve_root
 from fastvit_ssl.data.folder import first_readable, scan_image_folder
@@ -35,6 +35,7 @@ from fastvit_ssl.eval.export import from_timm_state_dict
 from fastvit_ssl.eval.linear import topk_accuracy
 from fastvit_ssl.eval.report import print_result
 from fastvit_ssl.models.build import build_encoder
+from fastvit_ssl.models.heads import trunc_normal_linears_
 from fastvit_ssl.models.vit import VisionTransformer
 from fastvit_ssl.optim.schedules import learning_rate
 from fastvit_ssl.progress import Progress
@@ -56,17 +57,33 @@ class Recipe:
     erase_prob: float = 0.25  # random erasing
     warmup_epochs: float = 5
     seed: int = 0
+    pool: str = "auto"  # cls: Linear on the encoder's output; cls+mean: SiT's MLP head on [class token, mean of
+    # the patch tokens]; auto: cls+mean for SiT checkpoints, else cls
 
 
 class Classifier(nn.Module):
-    def __init__(self, encoder: VisionTransformer, num_classes: int):
+    """Args:
+    encoder: the pre-trained ViT.
+    num_classes: outputs.
+    pool: "cls" (a Linear on the encoder's pooled output, DeiT/MAE) or "cls+mean" (SiT's head: Linear(2D, D),
+        GELU, Linear(D, classes) on the class token concatenated with the mean of the patch tokens).
+    """
+
+    def __init__(self, encoder: VisionTransformer, num_classes: int, pool: str = "cls"):
         super().__init__()
-        self.encoder, self.head = encoder, nn.Linear(encoder.embed_dim, num_classes)
-        nn.init.trunc_normal_(self.head.weight, std=2e-5)
-        nn.init.zeros_(self.head.bias)
+        self.encoder, self.pool, D = encoder, pool, encoder.embed_dim
+        if pool == "cls":
+            self.head = nn.Linear(D, num_classes)
+            nn.init.trunc_normal_(self.head.weight, std=2e-5)
+            nn.init.zeros_(self.head.bias)
+        else:
+            self.head = trunc_normal_linears_(nn.Sequential(nn.Linear(2 * D, D), nn.GELU(), nn.Linear(D, num_classes)))
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
-        return self.head(self.encoder(images))
+        if self.pool == "cls":
+            return self.head(self.encoder(images))
+        tokens = self.encoder.forward_tokens(images)  # (B, 1 + L, D), after the final norm
+        return self.head(torch.cat([tokens[:, 0], tokens[:, 1:].mean(dim=1)], dim=1))
 
 
 class AugmentedImages(Dataset):
@@ -139,7 +156,7 @@ def finetune(
     """Train encoder + linear head on root/train, return top-1/top-5 on root/val."""
     torch.manual_seed(recipe.seed)
     samples, classes = scan_image_folder(root / "train")
-    model = Classifier(encoder, len(classes)).to(device)
+    model = Classifier(encoder, len(classes), "cls" if recipe.pool == "auto" else recipe.pool).to(device)
     dataset = AugmentedImages(samples, encoder.patch_embed.img_size, recipe)
     loader = DataLoader(
         dataset,
@@ -212,6 +229,10 @@ def main(argv: list[str] | None = None) -> dict:
         encoder, cfg = load_encoder(args.checkpoint, **trainable)
     if args.random_init:
         encoder = random_encoder(cfg, **trainable)
+    if recipe.pool == "auto":
+        recipe.pool = "cls+mean" if cfg.method.name == "sit" else "cls"
+    if recipe.pool not in ("cls", "cls+mean"):
+        raise ConfigError(f"--pool {recipe.pool!r} must be auto, cls or cls+mean")
     root = args.data or resolve_root(cfg)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     return print_result({**finetune(encoder, root, recipe, device), "random_init": args.random_init}, started)

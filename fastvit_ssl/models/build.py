@@ -15,5 +15,8 @@ def build_encoder(cfg: Config, ops: Ops = REFERENCE_OPS, **overrides) -> VisionT
         "global_pool": cfg.model.global_pool,
         "patch_embed_fn": ops.patch_embed,
         "grad_checkpointing": cfg.model.grad_checkpointing,
+        "pos_embed": cfg.model.pos_embed,
+        "init": cfg.model.init,
+        "num_heads": cfg.model.num_heads,
     }
     return VisionTransformer(cfg.model.arch, cfg.model.img_size, **(kwargs | overrides))

@@ -79,3 +79,47 @@ def projector(in_dim: int, hidden_dim: int, out_dim: int) -> nn.Sequential:
 def predictor(dim: int, hidden_dim: int) -> nn.Sequential:
     """MoCo v3's 2-layer prediction MLP (with the final BN, as the official ViT builder has it)."""
     return build_mlp(2, dim, hidden_dim, dim)
+
+
+def trunc_normal_linears_(module: nn.Module) -> nn.Module:
+    """DeiT's/SiT's init of a head: every Linear N(0, 0.02) truncated at +-2, biases zero."""
+    for m in module.modules():
+        if isinstance(m, nn.Linear):
+            nn.init.trunc_normal_(m.weight, std=0.02, a=-2.0, b=2.0)
+            nn.init.zeros_(m.bias)
+    return module
+
+
+def sit_contrastive_head(in_dim: int, hidden_dim: int, out_dim: int) -> nn.Sequential:
+    """SiT's contrastive head: Linear-BN-ReLU, Linear-BN-GELU, Linear-BN(affine=False), with biases; no predictor."""
+    return trunc_normal_linears_(
+        nn.Sequential(
+            nn.Linear(in_dim, hidden_dim),
+            GlobalBatchNorm1d(hidden_dim),
+            nn.ReLU(inplace=True),
+            nn.Linear(hidden_dim, hidden_dim),
+            GlobalBatchNorm1d(hidden_dim),
+            nn.GELU(),
+            nn.Linear(hidden_dim, out_dim),
+            GlobalBatchNorm1d(out_dim, affine=False),
+        )
+    )
+
+
+class ReconstructionHead(nn.Module):
+    """SiT's pixel head: three Linear(D, D) + GELU on every patch token, then a per-patch linear map to its P x P x C
+    pixels (a transposed convolution with kernel and stride P), [B, L, D] -> [B, C, H, W]."""
+
+    def __init__(self, dim: int, patch_size: int, in_chans: int = 3):
+        super().__init__()
+        layers = []
+        for _ in range(3):
+            layers += [nn.Linear(dim, dim), nn.GELU()]
+        self.mlp = trunc_normal_linears_(nn.Sequential(*layers))
+        self.to_pixels = nn.ConvTranspose2d(dim, in_chans, kernel_size=patch_size, stride=patch_size)
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        B, L, D = tokens.shape
+        grid = int(L**0.5)
+        x = self.mlp(tokens).transpose(1, 2).reshape(B, D, grid, grid)  # (B, D, h, w)
+        return self.to_pixels(x)  # (B, C, h * P, w * P)

@@ -174,6 +174,10 @@ class VisionTransformer(nn.Module):
             fastvit_ssl.kernels.patch_embed's signature, or None for the modules' own computation.
         grad_checkpointing: recompute each block's activations in the backward pass (less memory, ~30% more time).
         drop_path_rate: stochastic depth of the last block (linearly less before it), for fine-tuning.
+        pos_embed: "sincos" (fixed 2-D table, MoCo v3) or "learned" (truncated normal 0.02, DeiT and SiT).
+        init: "mocov3" (xavier, q/k/v as three matrices) or "trunc_normal" (DeiT/SiT: every Linear N(0, 0.02)
+            truncated at +-2, class token too; the patch convolution keeps PyTorch's default).
+        num_heads: attention heads; 0 takes the arch's.
     """
 
     def __init__(
@@ -186,6 +190,9 @@ class VisionTransformer(nn.Module):
         patch_embed_fn: Callable | None = None,
         grad_checkpointing: bool = False,
         drop_path_rate: float = 0.0,
+        pos_embed: str = "sincos",
+        init: str = "mocov3",
+        num_heads: int = 0,
     ):
         super().__init__()
         spec = ARCH_SPECS[arch]
@@ -196,17 +203,35 @@ class VisionTransformer(nn.Module):
         self.patch_embed = stem(img_size, spec.patch_size, in_chans, spec.embed_dim)
         self.cls_token = nn.Parameter(torch.zeros(1, 1, spec.embed_dim))
         grid = img_size // spec.patch_size
-        self.pos_embed = nn.Parameter(sincos_pos_embed(grid, spec.embed_dim), requires_grad=False)
+        table = sincos_pos_embed(grid, spec.embed_dim)  # (1, 1 + L, D)
+        self.pos_embed = nn.Parameter(table if pos_embed == "sincos" else torch.zeros_like(table))
+        self.pos_embed.requires_grad_(pos_embed == "learned")
         rates = [drop_path_rate * i / max(spec.depth - 1, 1) for i in range(spec.depth)]  # deeper: dropped more
-        self.blocks = nn.Sequential(*[Block(spec.embed_dim, spec.num_heads, drop_path_rate=r) for r in rates])
+        heads = num_heads or spec.num_heads
+        self.blocks = nn.Sequential(*[Block(spec.embed_dim, heads, drop_path_rate=r) for r in rates])
         pooled_norm = nn.LayerNorm(spec.embed_dim, eps=1e-6)
         self.norm = pooled_norm if global_pool == "token" else nn.Identity()
         self.fc_norm = pooled_norm if global_pool == "avg" else nn.Identity()
         self.grad_checkpointing = grad_checkpointing
         self.patch_embed_fn = patch_embed_fn if isinstance(self.patch_embed, PatchEmbed) else None
-        self._init_weights(frozen_patch_embed and not spec.conv_stem)
+        if init == "trunc_normal":
+            self._init_trunc_normal()
+        else:
+            self._init_weights()
+        if pos_embed == "learned":
+            nn.init.trunc_normal_(self.pos_embed, std=0.02, a=-2.0, b=2.0)
+        if isinstance(self.patch_embed, PatchEmbed):
+            freeze = frozen_patch_embed and not spec.conv_stem
+            self.patch_embed.proj.requires_grad_(not freeze)
 
-    def _init_weights(self, freeze_patch_embed: bool) -> None:
+    def _init_trunc_normal(self) -> None:
+        for module in self.modules():
+            if isinstance(module, nn.Linear):
+                nn.init.trunc_normal_(module.weight, std=0.02, a=-2.0, b=2.0)
+                nn.init.zeros_(module.bias)
+        nn.init.trunc_normal_(self.cls_token, std=0.02, a=-2.0, b=2.0)
+
+    def _init_weights(self) -> None:
         for name, module in self.named_modules():
             if isinstance(module, nn.Linear):
                 if name.endswith("qkv"):  # q, k and v are three D x D matrices, each xavier-initialised
@@ -221,8 +246,6 @@ class VisionTransformer(nn.Module):
             bound = math.sqrt(6.0 / (proj.weight[0].numel() + proj.weight.shape[0]))
             nn.init.uniform_(proj.weight, -bound, bound)
             nn.init.zeros_(proj.bias)
-            proj.weight.requires_grad_(not freeze_patch_embed)
-            proj.bias.requires_grad_(not freeze_patch_embed)
 
     def embed_tokens(self, images: torch.Tensor) -> torch.Tensor:
         """-> [B, 1 + L, D]: patch projection, class token prepended, position embedding added.

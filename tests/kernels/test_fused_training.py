@@ -11,9 +11,10 @@ import torch
 from fastvit_ssl.config import load
 from fastvit_ssl.engine.local import LocalEngine
 from fastvit_ssl.kernels.dispatch import REFERENCE_OPS, fused_ops, select_ops
-from fastvit_ssl.methods.mocov3 import build_mocov3
+from fastvit_ssl.methods.build import build_method
 from fastvit_ssl.models import vit
 from fastvit_ssl.optim.build import build_optimizer
+from fastvit_ssl.optim.schedules import Hyperparameters
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -44,14 +45,15 @@ def test_fused_patch_embedding_gives_the_same_vit(micro_arch, uint8, device):
 def train(overrides, ops, device, steps=24):
     cfg = load(None, overrides)
     torch.manual_seed(0)
-    model = build_mocov3(cfg, ops).to(device)
-    engine = LocalEngine(model, build_optimizer(cfg.optim, model, ops), device)
+    model = build_method(cfg, ops).to(device)
+    engine = LocalEngine(model, build_optimizer(cfg.optim, model.param_groups(), ops), device)
     losses = []
     images = torch.randn(8, 3, 14, 14, generator=torch.Generator().manual_seed(100))
     for step in range(steps):
         noise = torch.randn(2, 8, 3, 14, 14, generator=torch.Generator().manual_seed(step))
         views = (images + 0.3 * noise).to(device)
-        metrics, _ = engine.step(list(views), lr=0.05 if cfg.optim.name == "lars" else 2e-3, momentum=0.99)
+        lr = 0.05 if cfg.optim.name == "lars" else 2e-3
+        metrics, _ = engine.step(list(views), step, Hyperparameters(lr, cfg.optim.weight_decay, momentum=0.99))
         losses.append(metrics["loss"])
     return torch.stack(losses)
 

@@ -1,0 +1,130 @@
+"""Group-masked model learning (GMML, SiT): corrupt random groups of connected pixels of each view, remember where.
+
+As the official SiT code (datasets_utils.GMML_drop_rand_patches / GMML_replace_list), per image: draw a target
+fraction, then add random rectangles (top-left anywhere, sides from `align` pixels to below `max_side` of the image
+side, snapped to `align`) until the covered fraction reaches it; fill them with zeros, Gaussian noise, content
+from elsewhere in the same image, or the same region of another image.
+
+Here all images of a batch draw their rectangles together, round after round, on the tensors' device; an image
+stops taking rectangles once covered, so each follows the official loop. The draws come from generators the
+caller seeds (the run's seed and the step), so a resumed run corrupts its batches exactly as before; and every
+draw is made for the whole global batch and sliced to this rank's share (`Draws`), so an image's corruption does
+not depend on how many ranks share the batch (except noise, drawn per rank, and the partner of a replacement,
+which comes from the rank's own images as in the official code).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+FILLS = ("zeros", "noise", "self", "other")
+ROUNDS_PER_CHECK = 8  # rounds between the host's "is every image covered?" checks (one device sync each)
+
+
+@dataclass
+class Draws:
+    """Random numbers for images offset..offset+B of a global batch of `total` (None: this batch is all)."""
+
+    generator: torch.Generator  # seeded alike on every rank
+    offset: int = 0
+    total: int | None = None
+
+    def uniform(self, B: int) -> torch.Tensor:
+        n = self.total or B
+        return torch.rand(n, generator=self.generator, device=self.generator.device)[self.offset : self.offset + B]
+
+    def integers(self, low: int, high: int, B: int) -> torch.Tensor:
+        n = self.total or B
+        out = torch.randint(low, high, (n,), generator=self.generator, device=self.generator.device)
+        return out[self.offset : self.offset + B]
+
+
+def corrupt(
+    images: torch.Tensor,
+    draws: Draws,
+    fraction: float,
+    fill: str = "zeros",
+    source: torch.Tensor | None = None,
+    max_side: float = 0.3,
+    align: int = 1,
+    noise: torch.Generator | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """images [B, C, H, W] -> (corrupted copy, mask [B, H, W] bool of the corrupted pixels).
+
+    fraction: each image is covered to at least U(min(0.5, fraction), fraction) of its pixels (the official rule).
+    fill: "zeros" | "noise" (standard normal, from the `noise` generator) | "self" (a same-sized block from
+        elsewhere in the image, as the image is at that moment) | "other" (the same region of `source`).
+    """
+    if fill not in FILLS or (fill == "other") != (source is not None) or (fill == "noise") != (noise is not None):
+        raise ValueError(f"fill must be one of {FILLS}, with `source` exactly for 'other' and `noise` for 'noise'")
+    B, _, H, W = images.shape
+    low = min(0.5, fraction)
+    target = (low + (fraction - low) * draws.uniform(B)) * H * W  # pixels to cover, (B,)
+    out, mask = images.clone(), torch.zeros(B, H, W, dtype=torch.bool, device=images.device)
+    rows, cols = torch.arange(H, device=images.device), torch.arange(W, device=images.device)
+    while True:
+        for _ in range(ROUNDS_PER_CHECK):
+            active = mask.sum((1, 2)) < target  # (B,)
+            top, height = _spans(draws, B, H, max_side, align)
+            left, width = _spans(draws, B, W, max_side, align)
+            in_rows = (rows >= top[:, None]) & (rows < (top + height)[:, None])  # (B, H)
+            in_cols = (cols >= left[:, None]) & (cols < (left + width)[:, None])  # (B, W)
+            rect = in_rows[:, :, None] & in_cols[:, None, :] & active[:, None, None]  # (B, H, W)
+            if fill == "self":  # copies what the image holds now: rectangle by rectangle
+                out = torch.where(rect[:, None], _shifted(out, draws, top, height, left, width, align), out)
+            mask |= rect
+        if not bool((mask.sum((1, 2)) < target).any()):
+            break
+    if fill == "self":
+        return out, mask
+    # The other fills do not depend on the order of the rectangles: one pass at the end.
+    if fill == "zeros":
+        values = torch.zeros_like(out)
+    elif fill == "noise":
+        values = torch.randn(out.shape, generator=noise, device=out.device, dtype=out.dtype)
+    else:
+        values = source
+    return torch.where(mask[:, None], values, out), mask
+
+
+def _spans(draws: Draws, B: int, size: int, max_side: float, align: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(start, length) [B] of one side: start in [0, size - align) snapped to align; length in
+    [align, int(size * max_side)), cut at the image's edge and rounded to align."""
+    start = draws.integers(0, size - align, B) // align * align
+    length = torch.minimum(draws.integers(align, int(size * max_side), B), size - start)
+    return start, torch.round(length / align).long() * align
+
+
+def _shifted(out, draws: Draws, top, height, left, width, align) -> torch.Tensor:
+    """[B, C, H, W] images moved so that a same-sized block at a random (top2, left2) lands on each rectangle."""
+    B, _, H, W = out.shape
+    top2 = (draws.uniform(B) * (H - height)).long() // align * align  # in [0, H - height)
+    left2 = (draws.uniform(B) * (W - width)).long() // align * align
+    src_rows = (torch.arange(H, device=out.device) - top[:, None] + top2[:, None]).clamp(0, H - 1)  # (B, H)
+    src_cols = (torch.arange(W, device=out.device) - left[:, None] + left2[:, None]).clamp(0, W - 1)  # (B, W)
+    batch = torch.arange(B, device=out.device)[:, None, None]
+    return out[batch, :, src_rows[:, :, None], src_cols[:, None, :]].permute(0, 3, 1, 2)  # (B, C, H, W)
+
+
+def replace_from_batch(
+    clean: torch.Tensor,
+    corrupted: torch.Tensor,
+    mask: torch.Tensor,
+    draws: Draws,
+    prob: float,
+    fraction: float,
+    max_side: float = 0.3,
+    align: int = 1,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """SiT's second corruption: each image, with probability `prob`, is instead its clean view with `fraction` of it
+    replaced by the same regions of a random image of this rank's batch (possibly itself, as the official code)."""
+    B = clean.shape[0]
+    take = draws.uniform(B) < prob
+    partner = (draws.uniform(B) * B).long().clamp(max=B - 1)
+    replaced, replaced_mask = corrupt(clean, draws, fraction, "other", clean[partner], max_side, align)
+    return (
+        torch.where(take[:, None, None, None], replaced, corrupted),
+        torch.where(take[:, None, None], replaced_mask, mask),
+    )

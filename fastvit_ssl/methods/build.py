@@ -1,0 +1,19 @@
+"""The method of `method.name`, built with the reference computations or the fused kernels."""
+
+from __future__ import annotations
+
+from fastvit_ssl.config import Config
+from fastvit_ssl.kernels.dispatch import REFERENCE_OPS, Ops
+from fastvit_ssl.methods.base import Method
+from fastvit_ssl.methods.mocov3 import MoCoV3, build_mocov3
+from fastvit_ssl.methods.sit import SiT, build_sit
+
+METHODS = {"mocov3": (MoCoV3, build_mocov3), "sit": (SiT, build_sit)}
+
+
+def build_method(cfg: Config, ops: Ops = REFERENCE_OPS) -> Method:
+    return METHODS[cfg.method.name][1](cfg, ops)
+
+
+def method_class(name: str) -> type[Method]:
+    return METHODS[name][0]
