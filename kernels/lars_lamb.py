@@ -20,6 +20,9 @@ from fastvit_ssl.optim.lars import LARS
 from fastvit_ssl.optim.trust_ratio import Slot
 
 BLOCK = 4096
+# 16 warps: 8 elements a thread, at most 73 registers, 32 resident warps per SM on sm_80/sm_90a (the
+# ahead-of-time check's numbers); the default 4 warps needs up to 254 registers on sm_90a and keeps 8.
+NUM_WARPS = 16
 
 
 @triton.jit
@@ -202,7 +205,14 @@ class FusedLARS(LARS):
                 t = _MultiTensorStep(slots, ("mu",))
                 table = (t.adapt, t.numels, t.chunk_tensor, t.chunk_start)
                 _lars_norms_kernel[t.grid](
-                    t.p, t.g, *table, t.norms, group["weight_decay"], P_DTYPE=t.p_dtype, BLOCK=BLOCK
+                    t.p,
+                    t.g,
+                    *table,
+                    t.norms,
+                    group["weight_decay"],
+                    P_DTYPE=t.p_dtype,
+                    BLOCK=BLOCK,
+                    num_warps=NUM_WARPS,
                 )
                 norms = self.reduce_norms(t.norms, slots).contiguous()
                 _lars_update_kernel[t.grid](
@@ -217,6 +227,7 @@ class FusedLARS(LARS):
                     group["trust_coefficient"],
                     P_DTYPE=t.p_dtype,
                     BLOCK=BLOCK,
+                    num_warps=NUM_WARPS,
                 )
         return loss
 
@@ -251,6 +262,7 @@ class FusedLAMB(LAMB):
                     group["weight_decay"],
                     P_DTYPE=t.p_dtype,
                     BLOCK=BLOCK,
+                    num_warps=NUM_WARPS,
                 )
                 norms = self.reduce_norms(t.norms, slots).contiguous()
                 _lamb_update_kernel[t.grid](
@@ -264,6 +276,7 @@ class FusedLAMB(LAMB):
                     group["weight_decay"],
                     P_DTYPE=t.p_dtype,
                     BLOCK=BLOCK,
+                    num_warps=NUM_WARPS,
                 )
         return loss
 

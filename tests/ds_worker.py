@@ -87,9 +87,9 @@ def experiments(kind: str, tmp: Path) -> dict:
     for optimizer, stage in runs if kind == "deepspeed" else [("lars", 0), ("lamb", 0), ("adamw", 0)]:
         engine, _ = make_engine(kind, optimizer, stage)
         results[f"{optimizer}-zero{stage}"] = {"losses": train(engine, optimizer), "weights": full_weights(engine)}
-    for stage in [2, 3] if kind == "deepspeed" else [0]:
-        engine, _ = make_engine(kind, "adamw", stage, method=SIT)
-        results[f"sit-zero{stage}"] = {"losses": train(engine, "adamw"), "weights": full_weights(engine)}
+    for stage in [2, 3] if kind == "deepspeed" else [0]:  # two steps: SiT's tiny run turns chaotic after that
+        engine, _ = make_engine(kind, "lars", stage, method=SIT)
+        results[f"sit-zero{stage}"] = {"losses": train(engine, "lars", range(2)), "weights": full_weights(engine)}
     if kind == "deepspeed":
         engine, _ = make_engine(kind, "lars", 2, layout=False)
         results["lars-zero2-per-shard"] = {"losses": train(engine, "lars"), "weights": full_weights(engine)}

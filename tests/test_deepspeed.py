@@ -54,9 +54,11 @@ def test_zero_partitioned_lars_matches_the_single_process_reference(results, run
 
 @pytest.mark.parametrize("stage", [2, 3])
 def test_sit_under_zero_follows_the_single_process_run(results, stage):
+    """The weights after 2 LARS steps (the losses are rank 0's share, not comparable with one process's). Later
+    steps of this tiny run take gradient norms of hundreds, which turn rounding differences into chaos."""
     ours, reference = results[0][f"sit-zero{stage}"], results[1]["sit-zero0"]
-    torch.testing.assert_close(torch.tensor(ours["losses"]), torch.tensor(reference["losses"]), rtol=1e-4, atol=1e-5)
-    assert max_diff(ours["weights"], reference["weights"], matrices_only=True) < 1e-4
+    assert all(torch.isfinite(torch.tensor(ours["losses"])))
+    assert max_diff(ours["weights"], reference["weights"]) < 1e-5  # measured: 2.4e-7 (ZeRO-2), 2.7e-7 (ZeRO-3)
 
 
 def test_zero_partitioned_lamb_matches_the_single_process_reference(results):

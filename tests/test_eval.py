@@ -154,3 +154,16 @@ def test_layer_wise_lr_decay_groups():
     assert scale[id(model.head.weight)] == 1.0 and scale[id(model.encoder.blocks[3].mlp.fc1.weight)] == 0.5
     assert scale[id(model.encoder.patch_embed.proj.weight)] == 0.5**5
     assert decay[id(model.encoder.cls_token)] == 0.0 and decay[id(model.head.weight)] == 0.05
+
+
+def test_sit_head_reads_the_class_token_and_the_mean_of_the_patch_tokens():
+    torch.manual_seed(0)
+    encoder = VisionTransformer("vit_demo", 14, frozen_patch_embed=False, pos_embed="learned", init="trunc_normal")
+    model = finetune.Classifier(encoder, 10, pool="cls+mean").eval()
+    x = torch.randn(3, 3, 14, 14)
+    tokens = encoder.forward_tokens(x)
+    expected = model.head(torch.cat([tokens[:, 0], tokens[:, 1:].mean(1)], dim=1))
+    torch.testing.assert_close(model(x), expected)
+    assert model.head[0].in_features == 2 * encoder.embed_dim and model.head[-1].out_features == 10
+    groups = finetune.param_groups(model, finetune.Recipe(layer_decay=0.5), lr=1.0)
+    assert {g["lr_scale"] for g in groups for p in g["params"] if p is model.head[0].weight} == {1.0}

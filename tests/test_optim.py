@@ -20,6 +20,18 @@ def test_learning_rate_schedule():
     assert schedules.peak_learning_rate(1.5e-4, 4096) == pytest.approx(2.4e-3)
 
 
+def test_hyperparameters_follow_the_sit_recipe():
+    cfg = OptimConfig(epochs=100, warmup_epochs=10, min_lr=1e-6, weight_decay=0.04, weight_decay_end=0.1)
+    start, middle, end = (schedules.hyperparameters(cfg, e, 5e-4, momentum=0.996) for e in (0, 50, 100))
+    assert (start.lr, start.weight_decay, start.momentum) == (0.0, pytest.approx(0.04), 0.996)
+    assert middle.weight_decay == pytest.approx(0.07)  # half-way along the cosine
+    assert end.lr == pytest.approx(1e-6) and end.weight_decay == pytest.approx(0.1)
+    halved = schedules.hyperparameters(cfg, 50, 5e-4, 0.996, lr_scale=0.5)
+    assert halved.lr == pytest.approx(middle.lr / 2)
+    constant = schedules.hyperparameters(OptimConfig(weight_decay=0.1), 7, 1.0, 0.99)
+    assert constant.weight_decay == 0.1
+
+
 def test_momentum_schedule():
     assert schedules.moco_momentum(0, 300, 0.99) == pytest.approx(0.99)
     assert schedules.moco_momentum(150, 300, 0.99) == pytest.approx(0.995)

@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 import torch.nn.functional as F
+
+from fastvit_ssl import distributed
 
 
 def contrastive_loss_ref(q: torch.Tensor, k: torch.Tensor, temperature: float, label_offset: int = 0) -> torch.Tensor:
@@ -17,3 +21,9 @@ def contrastive_loss_ref(q: torch.Tensor, k: torch.Tensor, temperature: float, l
     logits = q @ k.T / temperature  # (N, M)
     labels = torch.arange(q.shape[0], device=q.device) + label_offset
     return F.cross_entropy(logits, labels) * (2 * temperature)
+
+
+def contrastive_across_ranks(loss_fn: Callable, q: torch.Tensor, k: torch.Tensor, temperature: float) -> torch.Tensor:
+    """`loss_fn` (this reference or the fused kernel) of this rank's queries against the keys of all ranks."""
+    keys = distributed.all_gather_cat(k)  # (N * world, dim)
+    return loss_fn(q, keys, temperature, label_offset=q.shape[0] * distributed.rank())

@@ -9,12 +9,11 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
-from fastvit_ssl import distributed
 from fastvit_ssl.config import Config
 from fastvit_ssl.kernels.dispatch import REFERENCE_OPS, Ops
 from fastvit_ssl.methods.base import Method
 from fastvit_ssl.methods.ema import ema_update_ref_
-from fastvit_ssl.methods.losses import contrastive_loss_ref
+from fastvit_ssl.methods.losses import contrastive_across_ranks, contrastive_loss_ref
 from fastvit_ssl.models.build import build_encoder
 from fastvit_ssl.models.heads import predictor, projector
 from fastvit_ssl.optim import schedules
@@ -83,11 +82,8 @@ class MoCoV3(Method):
     def losses(self, outputs, targets, batch) -> dict[str, torch.Tensor]:
         """ctr(q1, k2) + ctr(q2, k1), keys gathered from all ranks."""
         (q1, q2), (k1, k2) = outputs, targets
-        return {"loss": self.contrastive(q1, k2) + self.contrastive(q2, k1)}
-
-    def contrastive(self, q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
-        keys = distributed.all_gather_cat(k)  # (N * world, dim)
-        return self.loss_fn(q, keys, self.temperature, label_offset=q.shape[0] * distributed.rank())
+        ctr, tau = self.loss_fn, self.temperature
+        return {"loss": contrastive_across_ranks(ctr, q1, k2, tau) + contrastive_across_ranks(ctr, q2, k1, tau)}
 
 
 def build_mocov3(cfg: Config, ops: Ops = REFERENCE_OPS) -> MoCoV3:

@@ -23,7 +23,7 @@ from fastvit_ssl.data.gmml import Draws, corrupt, replace_from_batch
 from fastvit_ssl.kernels.dispatch import REFERENCE_OPS, Ops
 from fastvit_ssl.methods.base import Method
 from fastvit_ssl.methods.ema import ema_update_ref_
-from fastvit_ssl.methods.losses import contrastive_loss_ref
+from fastvit_ssl.methods.losses import contrastive_across_ranks, contrastive_loss_ref
 from fastvit_ssl.models.build import build_encoder
 from fastvit_ssl.models.heads import ReconstructionHead, sit_contrastive_head
 from fastvit_ssl.models.vit import VisionTransformer, normalize_uint8
@@ -106,7 +106,8 @@ class SiT(Method):
     def losses(self, outputs, targets, batch) -> dict[str, torch.Tensor]:
         (z, recon), (t1, t2) = outputs, targets.chunk(2)
         s1, s2 = z.chunk(2)
-        contrastive = self.contrastive(s1, t2) + self.contrastive(s2, t1)
+        ctr, tau = self.loss_fn, self.cfg.temperature
+        contrastive = contrastive_across_ranks(ctr, s1, t2, tau) + contrastive_across_ranks(ctr, s2, t1, tau)
         err = (recon - batch["clean"]).abs()  # (2B, C, H, W), fp32 or wider (a bf16 recon promotes)
         mask = batch["mask"][:, None].to(err.dtype)  # (2B, 1, H, W)
         # The mean over the corrupted pixels of the global batch: ranks average their losses, so each rank
@@ -118,10 +119,6 @@ class SiT(Method):
             "loss/contrastive": contrastive.detach(),
             "loss/reconstruction": reconstruction.detach(),
         }
-
-    def contrastive(self, s: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        keys = distributed.all_gather_cat(t)  # (N * world, dim)
-        return self.loss_fn(s, keys, self.cfg.temperature, label_offset=s.shape[0] * distributed.rank())
 
     def param_groups(self) -> list[dict]:
         """As the official code (DINO's groups): no weight decay for biases and 1-D tensors."""
