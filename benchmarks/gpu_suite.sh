@@ -39,7 +39,7 @@ timeout 200 python3 benchmarks/kernels.py --out "$out/kernels.csv" 2>&1 | tee "$
 
 if [ -f benchmarks/throughput.py ]; then
   echo "== end-to-end throughput =="
-  timeout 240 python3 benchmarks/throughput.py --suite --out "$out/throughput.csv" 2>&1 | tee "$out/throughput.txt"
+  timeout 240 python3 benchmarks/throughput.py --suite --method all --out "$out/throughput.csv" 2>&1 | tee "$out/throughput.txt"
   [ "${PIPESTATUS[0]}" -eq 0 ] || status=1
 fi
 echo "results in $out (status $status)"

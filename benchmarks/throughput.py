@@ -6,7 +6,7 @@ code trains.
     python benchmarks/throughput.py --arch vit_small --batch 32 --baseline         # the official code's way
     python benchmarks/throughput.py --method sit --compare --arch vit_demo --img-size 28
     python benchmarks/throughput.py --compare --arch vit_demo --img-size 28        # both, and their ratio
-    python benchmarks/throughput.py --suite --out benchmarks/results/throughput-h100.csv   # GPU: ViT-S/B/L x both
+    python benchmarks/throughput.py --suite --method all --out benchmarks/results/throughput-h100.csv   # GPU
 
 Ours: fused Triton kernels (CUDA), multi-tensor EMA, bf16 autocast, fused AdamW. Baseline (moco-v3/main_moco.py +
 builder.py, or SiT's main.py): fp16 autocast with GradScaler, a per-parameter EMA loop, the materialised N x M
@@ -46,6 +46,13 @@ from fastvit_ssl.models.vit import ARCH_SPECS
 from fastvit_ssl.optim.build import build_optimizer
 from rows import print_table, write_rows
 
+# --suite: (method, arch, batch per GPU) at the batch sizes the GPU configs use per H100
+SUITE = [
+    ("mocov3", "vit_small", 256),
+    ("mocov3", "vit_base", 128),
+    ("mocov3", "vit_large", 64),
+    ("sit", "vit_small", 128),
+]
 ATTENTION = {
     "default": None,
     "math": SDPBackend.MATH,
@@ -262,7 +269,7 @@ def row(trainer: Trainer, times: list[float], peak: float, phase_reps: int) -> d
 
 def main(argv=None) -> list[dict]:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--method", default="mocov3", choices=["mocov3", "sit"])
+    parser.add_argument("--method", default="mocov3", choices=["mocov3", "sit", "all"], help="all: with --suite")
     parser.add_argument("--arch", default="vit_small", choices=sorted(ARCH_SPECS))
     parser.add_argument("--batch", type=int, default=32)
     parser.add_argument("--img-size", type=int, default=224)
@@ -279,16 +286,18 @@ def main(argv=None) -> list[dict]:
     parser.add_argument("--backend", choices=["auto", "torch", "dali"], default="auto", help="with --data")
     parser.add_argument("--uint8-views", action="store_true", help="ours takes uint8 NHWC views (data.uint8_views)")
     parser.add_argument("--compare", action="store_true", help="ours and the baseline, with their ratio")
-    parser.add_argument("--suite", action="store_true", help="ViT-S/B/L, both modes, GPU batch sizes")
+    parser.add_argument("--suite", action="store_true", help="SUITE's cases of --method, both modes")
     parser.add_argument("--steps", type=int, default=6)
     parser.add_argument("--out", type=Path, help="CSV (and a .json beside it)")
     args = parser.parse_args(argv)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     peak = measured_peak_tflops(device)
-    cases = [(args.arch, args.batch)] if not args.suite else [("vit_small", 256), ("vit_base", 128), ("vit_large", 64)]
+    cases = [(args.method, args.arch, args.batch)]
+    if args.suite:
+        cases = [(m, a, b) for m, a, b in SUITE if m == args.method or args.method == "all"]
     modes = [False, True] if args.compare or args.suite else [args.baseline]
     rows = []
-    for arch, batch in cases:
+    for method, arch, batch in cases:
         setups = []
         for baseline in modes:
             precision = args.precision or ("fp32" if device.type != "cuda" else "fp16" if baseline else "bf16")
@@ -304,7 +313,7 @@ def main(argv=None) -> list[dict]:
                     args.data,
                     args.backend,
                     args.uint8_views,
-                    args.method,
+                    method,
                 )
             )
         rows += run(setups, device, args.steps, peak)

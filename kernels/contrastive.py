@@ -2,9 +2,11 @@
 
     loss = 2 tau * mean_i [ lse_j(s_ij) - s_i,label_i ],   s_ij = q_i . k_j / (|q_i| |k_j| tau),   label_i = i + offset
 
-Forward: a program owns BLOCK_N queries and streams over tiles of keys with an online log-sum-exp (as in
-FlashAttention); only lse_i and the row loss leave the chip, O(N) memory. Backward recomputes each logit tile; with
-p_ij = exp(s_ij - lse_i), g_ij = p_ij - [j = label_i] and cos_ij = s_ij tau:
+Forward: a program owns BLOCK_N queries and one chunk of the keys, streamed in tiles with an online log-sum-exp (as
+in FlashAttention); only its running max, sum and positive logit per query leave the chip, O(S N) memory for S
+chunks, merged into lse_i and the row loss afterwards (as flash-decoding splits the keys). Chunks exist to fill the
+GPU: a rank's few hundred queries are only a handful of BLOCK_N row blocks. Backward recomputes each logit tile; with
+p_ij = exp(s_ij - lse_i), g_ij = p_ij - [j = label_i] and cos_ij = s_ij tau (summed over the chunks' partial dq):
 
     dL/dq_i = (2 tau / N) dL * (1 / (tau |q_i|)) * ( sum_j g_ij k_j/|k_j| - (sum_j g_ij cos_ij) q_i/|q_i| )
 
@@ -29,8 +31,11 @@ def _config(kernel: str, dim: int, dtype: torch.dtype, target: Target) -> dict:
 
     From the ahead-of-time check (python -m fastvit_ssl.kernels.aot): the largest tiles that compile without spills
     on both sm_80 and sm_90a for D <= 256. fp32's exact ("ieee") dots run on the FMA units with operand tiles in
-    registers, hence small tiles; bf16/fp16 dots use tensor cores. The backward also carries a [BLOCK_N, BLOCK_D]
-    fp32 gradient accumulator, hence a smaller BLOCK_N (which also gives it more programs).
+    registers, hence small tiles; bf16/fp16 dots use tensor cores, at the fastest tiles of a sweep on an H100
+    (benchmarks/results/2026-11-25-NVIDIA-H100-80GB-HBM3/contrastive_sweep.csv, N=4,096, M=65,536, D=256:
+    forward 0.73 ms at 128x32, 4 warps, against 1.10 ms at 64x64, 8 warps; backward 1.77 ms at 32x128, 8 warps,
+    against 1.96 ms at 32x64: its fastest, 1.21 ms at 128x64, spills on both GPUs, so the gate refuses it).
+    The key chunks of `_grid` keep the GPU busy at a rank's usual few hundred queries.
     """
     block_d = max(16, triton.next_power_of_2(dim))
     if target.interpreted:  # few, large programs
@@ -38,8 +43,9 @@ def _config(kernel: str, dim: int, dtype: torch.dtype, target: Target) -> dict:
     if dtype == torch.float32:
         block_n, block_m = (32, 16) if kernel == "fwd" else (16, 32)
         return dict(BLOCK_N=block_n, BLOCK_M=block_m, BLOCK_D=block_d, num_warps=4, num_stages=2)
-    block_n = 64 if kernel == "fwd" else 32
-    return dict(BLOCK_N=block_n, BLOCK_M=64, BLOCK_D=block_d, num_warps=8, num_stages=3)
+    if kernel == "fwd":
+        return dict(BLOCK_N=128, BLOCK_M=32, BLOCK_D=block_d, num_warps=4, num_stages=3)
+    return dict(BLOCK_N=32, BLOCK_M=128, BLOCK_D=block_d, num_warps=8, num_stages=3)
 
 
 @triton.jit
@@ -74,8 +80,9 @@ def _contrastive_fwd_kernel(
     k_ptr,
     rq_ptr,
     rk_ptr,
-    lse_ptr,
-    loss_ptr,
+    max_ptr,
+    sum_ptr,
+    positive_ptr,
     N,
     M,
     D,
@@ -83,6 +90,7 @@ def _contrastive_fwd_kernel(
     stride_k,
     label_offset,
     inv_t,
+    CHUNK,
     BLOCK_N: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_D: tl.constexpr,
@@ -96,16 +104,18 @@ def _contrastive_fwd_kernel(
     run_max = tl.full([BLOCK_N], float("-inf"), tl.float32)
     run_sum = tl.zeros([BLOCK_N], tl.float32)
     positive = tl.zeros([BLOCK_N], tl.float32)
-    for start in range(0, M, BLOCK_M):
+    chunk_start = tl.program_id(1) * CHUNK
+    for start in range(chunk_start, tl.minimum(chunk_start + CHUNK, M), BLOCK_M):
         cols = start + tl.arange(0, BLOCK_M)
         s = _logits_tile(q, rq_scaled, k_ptr, rk_ptr, cols, dims, M, D, stride_k, UPCAST, PRECISION)[0]
         new_max = tl.maximum(run_max, tl.max(s, axis=1))
         run_sum = run_sum * tl.exp(run_max - new_max) + tl.sum(tl.exp(s - new_max[:, None]), axis=1)
         run_max = new_max
         positive += tl.sum(tl.where(cols[None, :] == labels[:, None], s, 0.0), axis=1)
-    lse = run_max + tl.log(run_sum)
-    tl.store(lse_ptr + rows, lse, mask=row_ok)
-    tl.store(loss_ptr + rows, lse - positive, mask=row_ok)
+    partial = tl.program_id(1) * N + rows  # [S, N] outputs
+    tl.store(max_ptr + partial, run_max, mask=row_ok)
+    tl.store(sum_ptr + partial, run_sum, mask=row_ok)
+    tl.store(positive_ptr + partial, positive, mask=row_ok)
 
 
 @triton.jit
@@ -126,6 +136,7 @@ def _contrastive_bwd_kernel(
     label_offset,
     inv_t,
     two_t_over_n,
+    CHUNK,
     BLOCK_N: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_D: tl.constexpr,
@@ -139,17 +150,25 @@ def _contrastive_bwd_kernel(
     labels = rows + label_offset
     g_keys = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)  # sum_j g_ij k_j / |k_j|
     g_cos = tl.zeros([BLOCK_N], tl.float32)  # sum_j g_ij cos_ij, times 1 / tau
-    for start in range(0, M, BLOCK_M):
+    chunk_start = tl.program_id(1) * CHUNK
+    for start in range(chunk_start, tl.minimum(chunk_start + CHUNK, M), BLOCK_M):
         cols = start + tl.arange(0, BLOCK_M)
         s, k, rk = _logits_tile(q, rq * inv_t, k_ptr, rk_ptr, cols, dims, M, D, stride_k, UPCAST, PRECISION)
         p = tl.where(cols[None, :] < M, tl.exp(s - lse[:, None]), 0.0)
         g = p - tl.where(cols[None, :] == labels[:, None], 1.0, 0.0)
         g_cos += tl.sum(g * tl.where(cols[None, :] < M, s, 0.0), axis=1)
-        k_unit = (k * rk[:, None]).to(k.dtype)
-        g_keys += tl.dot(g.to(k.dtype), k_unit, input_precision=PRECISION)
+        g = g * rk[None, :]  # k_j / |k_j| folded into g: the key tile enters the dot exactly as stored
+        if q_ptr.dtype.element_ty == tl.float32:
+            g_keys += tl.dot(g, k, input_precision=PRECISION)
+        else:  # g as the sum of two bf16/fp16 halves (~16 significant bits): one rounded g costs 2-3 bits of dq
+            g_hi = g.to(q_ptr.dtype.element_ty)
+            g_lo = (g - g_hi.to(tl.float32)).to(q_ptr.dtype.element_ty)
+            g_keys += tl.dot(g_hi.to(k.dtype), k, input_precision=PRECISION)
+            g_keys += tl.dot(g_lo.to(k.dtype), k, input_precision=PRECISION)
     scale = tl.load(dloss_ptr) * two_t_over_n * rq * inv_t  # (BLOCK_N,)
     q_unit = q.to(tl.float32) * rq[:, None]
     dq = scale[:, None] * (g_keys - (g_cos / inv_t)[:, None] * q_unit)
+    dq_ptr += tl.program_id(1) * N * stride_dq  # this chunk's partial dq [N, D] of [S, N, D]
     tl.store(dq_ptr + rows[:, None] * stride_dq + dims[None, :], dq.to(dq_ptr.dtype.element_ty), mask=tile_ok)
 
 
@@ -184,22 +203,32 @@ def _inverse_norms(x: torch.Tensor) -> torch.Tensor:
     return x.float().norm(dim=1).clamp_min(1e-12).reciprocal()  # F.normalize's eps
 
 
+def _grid(N: int, M: int, cfg: dict, target: Target) -> tuple[tuple[int, int], int]:
+    """(row blocks, key chunks) and the keys per chunk: chunks of whole BLOCK_M tiles, as many as it takes to give
+    every SM two programs (one chunk in the interpreter, where programs are slow, or when N alone fills the GPU)."""
+    row_blocks, tiles = triton.cdiv(N, cfg["BLOCK_N"]), triton.cdiv(M, cfg["BLOCK_M"])
+    wanted = 1 if target.interpreted else triton.cdiv(2 * target.sms, row_blocks)
+    tiles_per_chunk = triton.cdiv(tiles, min(tiles, wanted))
+    return (row_blocks, triton.cdiv(tiles, tiles_per_chunk)), tiles_per_chunk * cfg["BLOCK_M"]
+
+
 def contrastive_fwd(q, k, temperature: float, label_offset: int):
     """Row losses [N] (fp32), row log-sum-exps [N] and the inverse norms of q and k."""
     q, k = q.contiguous(), k.contiguous()
     (N, D), M = q.shape, k.shape[0]
     rq, rk = _inverse_norms(q), _inverse_norms(k)
-    lse = torch.empty(N, dtype=torch.float32, device=q.device)
-    loss_rows = torch.empty(N, dtype=torch.float32, device=q.device)
-    cfg = _config("fwd", D, q.dtype, target_of(q.device))
-    grid = (triton.cdiv(N, cfg["BLOCK_N"]),)
+    target = target_of(q.device)
+    cfg = _config("fwd", D, q.dtype, target)
+    grid, chunk = _grid(N, M, cfg, target)
+    run_max, run_sum, positive = torch.empty(3, grid[1], N, dtype=torch.float32, device=q.device)  # [S, N] each
     _contrastive_fwd_kernel[grid](
         q,
         k,
         rq,
         rk,
-        lse,
-        loss_rows,
+        run_max,
+        run_sum,
+        positive,
         N,
         M,
         D,
@@ -207,18 +236,23 @@ def contrastive_fwd(q, k, temperature: float, label_offset: int):
         k.stride(0),
         label_offset,
         1.0 / temperature,
+        chunk,
         **_dot_flags(q),
         **cfg,
     )
-    return loss_rows, lse, rq, rk
+    top = run_max.amax(0)
+    lse = top + (run_sum * (run_max - top).exp()).sum(0).log()  # the chunks' log-sum-exps merged
+    return lse - positive.sum(0), lse, rq, rk
 
 
 def contrastive_bwd(q, k, rq, rk, lse, dloss, temperature: float, label_offset: int) -> torch.Tensor:
     q, k = q.contiguous(), k.contiguous()
     (N, D), M = q.shape, k.shape[0]
-    dq = torch.empty_like(q)
-    cfg = _config("bwd", D, q.dtype, target_of(q.device))
-    grid = (triton.cdiv(N, cfg["BLOCK_N"]),)
+    target = target_of(q.device)
+    cfg = _config("bwd", D, q.dtype, target)
+    grid, chunk = _grid(N, M, cfg, target)
+    # one chunk writes dq itself; several write fp32 partial sums [S, N, D]
+    dq = torch.empty_like(q) if grid[1] == 1 else q.new_empty(grid[1], N, D, dtype=torch.float32)
     _contrastive_bwd_kernel[grid](
         q,
         k,
@@ -232,14 +266,15 @@ def contrastive_bwd(q, k, rq, rk, lse, dloss, temperature: float, label_offset: 
         D,
         q.stride(0),
         k.stride(0),
-        dq.stride(0),
+        D,
         label_offset,
         1.0 / temperature,
         2.0 * temperature / N,
+        chunk,
         **_dot_flags(q),
         **cfg,
     )
-    return dq
+    return dq if grid[1] == 1 else dq.sum(0).to(q.dtype)
 
 
 class ContrastiveLossFn(torch.autograd.Function):

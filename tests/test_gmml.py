@@ -45,6 +45,23 @@ def test_rectangle_sides_lie_between_one_pixel_and_below_the_maximum():
     assert torch.all(starts + lengths <= 28)
 
 
+def test_the_batched_rounds_are_the_official_one_rectangle_at_a_time_loop():
+    """Each image gets exactly the rectangles the official per-image loop takes from the same draws: one at a time,
+    in order, while the image is below its target (drawn from U(0.5, 0.7) here)."""
+    B, side = 64, 20
+    _, mask = corrupt(images(B, side), draws(4), 0.7)
+    d = draws(4)
+    target = (0.5 + 0.2 * d.uniform(B)) * side * side
+    expected = torch.zeros(B, side, side, dtype=torch.bool)
+    while (expected.sum((1, 2)) < target).any():
+        (top, height), (left, width) = gmml._spans(d, B, side, 0.3, 1), gmml._spans(d, B, side, 0.3, 1)
+        for i in range(B):
+            for r in range(gmml.ROUNDS):
+                if expected[i].sum() < target[i]:
+                    expected[i, top[r, i] : top[r, i] + height[r, i], left[r, i] : left[r, i] + width[r, i]] = True
+    assert torch.equal(mask, expected)
+
+
 def test_replacement_takes_half_the_images_and_copies_another_images_regions():
     x = images(512)
     corrupted, mask = corrupt(x, draws(2), 0.5)
