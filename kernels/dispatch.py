@@ -10,6 +10,7 @@ from dataclasses import dataclass
 
 import torch
 
+from fastvit_ssl.data.gmml import take_rounds_ref
 from fastvit_ssl.methods.ema import ema_update_ref_
 from fastvit_ssl.methods.losses import contrastive_loss_ref
 from fastvit_ssl.optim.lamb import LAMB
@@ -25,6 +26,7 @@ class Ops:
     patch_embed: Callable | None = None  # None: the ViT's own conv -> flatten -> cat -> add
     lars: type = LARS
     lamb: type = LAMB
+    take_rounds: Callable = take_rounds_ref  # SiT's GMML corruption rounds
     fused: bool = False
 
 
@@ -45,7 +47,8 @@ def fused_ops() -> Ops:
     """The Triton kernels, wherever the tensors are (on CPU tensors only under TRITON_INTERPRET=1, for tests)."""
     from fastvit_ssl.kernels.contrastive import contrastive_loss
     from fastvit_ssl.kernels.ema import ema_update_
+    from fastvit_ssl.kernels.gmml import take_rounds
     from fastvit_ssl.kernels.lars_lamb import FusedLAMB, FusedLARS
     from fastvit_ssl.kernels.patch_embed import patch_embed
 
-    return Ops(contrastive_loss, ema_update_, patch_embed, FusedLARS, FusedLAMB, fused=True)
+    return Ops(contrastive_loss, ema_update_, patch_embed, FusedLARS, FusedLAMB, take_rounds, fused=True)

@@ -4,7 +4,8 @@
 
 Sizes: ViT-S/B/L/H widths 384/768/1024/1280 with patches of 16 (ViT-H: 14) on 224^2 images, a per-GPU batch of
 256; MoCo v3's contrastive loss at D = 256 (and the demo's 128) with up to 4,096 queries per rank against 65,536
-keys gathered from 16 ranks, plus a ragged size that defeats the 16-divisibility specialisation.
+keys gathered from 16 ranks, plus a ragged size that defeats the 16-divisibility specialisation; SiT's GMML
+rounds on a batch of 256 at 224 px.
 """
 
 from __future__ import annotations
@@ -13,8 +14,9 @@ import functools
 
 import torch
 
+from fastvit_ssl.data import gmml as gmml_ref
 from fastvit_ssl.data.augment import IMAGENET_MEAN, IMAGENET_STD
-from fastvit_ssl.kernels import contrastive, ema, lars_lamb, patch_embed
+from fastvit_ssl.kernels import contrastive, ema, gmml, lars_lamb, patch_embed
 
 FLOATS = (torch.float32, torch.bfloat16, torch.float16)
 WIDTHS = {"vit_small": (384, 16), "vit_base": (768, 16), "vit_large": (1024, 16), "vit_huge": (1280, 14)}
@@ -44,6 +46,11 @@ def patch_embed_step(width: int, patch: int, images: str, weights: torch.dtype, 
     patch_embed.patch_embed_bwd(
         x, meta(batch, tokens, width, dtype=out), patch, True, w.shape, IMAGENET_MEAN, IMAGENET_STD
     )
+
+
+def gmml_step(batch: int, side: int) -> None:
+    rectangles = [meta(gmml_ref.ROUNDS, batch, dtype=torch.int64) for _ in range(4)]
+    gmml.take_rounds(meta(batch, side, side, dtype=torch.bool), *rectangles, meta(batch))
 
 
 def ema_step(ema_dtype: torch.dtype, param_dtype: torch.dtype) -> None:
@@ -86,6 +93,8 @@ CASES = [
         for arch, (width, patch) in WIDTHS.items()
         for images, w, o in PATCH_INPUTS
     ),
+    ("gmml rounds B=256 224px", functools.partial(gmml_step, 256, 224)),
+    ("gmml rounds B=7 29px", functools.partial(gmml_step, 7, 29)),
     *(
         (f"ema {str(e)[6:]} <- {str(p)[6:]}", functools.partial(ema_step, e, p))
         for e, p in [(d, d) for d in FLOATS] + [(torch.float32, torch.bfloat16), (torch.float32, torch.float16)]

@@ -15,12 +15,14 @@ which comes from the rank's own images as in the official code).
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 
 FILLS = ("zeros", "noise", "self", "other")
-ROUNDS = 16  # rectangles drawn per image at once; the host checks "is every image covered?" once per ROUNDS
+ROUNDS = 32  # rectangles drawn per image at once; the host checks "is every image covered?" once per ROUNDS
+# (SiT's 0.5 coverage takes ~30 rectangles of up to 0.3 x 0.3 of the side on average)
 
 
 @dataclass
@@ -44,6 +46,31 @@ class Draws:
         return out[..., self.offset : self.offset + B]
 
 
+def take_rounds_ref(
+    mask: torch.Tensor, top: torch.Tensor, height: torch.Tensor, left: torch.Tensor, width: torch.Tensor, target
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """One batch of GMML rounds: mask [B, H, W] bool, rectangles (top, height, left, width) [ROUNDS, B], target
+    [B] pixels -> (mask with the rounds each image takes, rounds taken [B]).
+
+    An image takes round r while its coverage before round r is below its target: the official loop, one rectangle
+    at a time. Each pixel is stamped with the first round covering it, and the coverage before every round is a
+    cumulative histogram of the stamps. The spec of kernels/gmml.py's take_rounds.
+    """
+    rounds, B = top.shape
+    _, H, W = mask.shape
+    device = mask.device
+    rows, cols = torch.arange(H, device=device), torch.arange(W, device=device)
+    later = torch.arange(rounds, 0, -1, dtype=torch.uint8, device=device)[:, None, None]  # round r -> rounds - r
+    in_rows = (rows >= top[..., None]) & (rows < (top + height)[..., None])  # (ROUNDS, B, H)
+    in_cols = (cols >= left[..., None]) & (cols < (left + width)[..., None])  # (ROUNDS, B, W)
+    stamp = torch.minimum((in_rows * later)[..., :, None], (in_cols * later)[..., None, :]).amax(0)  # (B, H, W)
+    first = torch.where(mask, -1, rounds - stamp.long())  # -1 masked before, 0..ROUNDS-1, ROUNDS none
+    bins = torch.arange(B, device=device)[:, None, None] * (rounds + 2) + first + 1
+    before = torch.bincount(bins.flatten(), minlength=B * (rounds + 2)).view(B, rounds + 2).cumsum(1)
+    taken = (before[:, :rounds] < target[:, None]).sum(1)  # (B,)
+    return first < taken[:, None, None], taken
+
+
 def corrupt(
     images: torch.Tensor,
     draws: Draws,
@@ -53,43 +80,30 @@ def corrupt(
     max_side: float = 0.3,
     align: int = 1,
     noise: torch.Generator | None = None,
+    take_rounds: Callable = take_rounds_ref,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """images [B, C, H, W] -> (corrupted copy, mask [B, H, W] bool of the corrupted pixels).
 
     fraction: each image is covered to at least U(min(0.5, fraction), fraction) of its pixels (the official rule).
     fill: "zeros" | "noise" (standard normal, from the `noise` generator) | "self" (a same-sized block from
         elsewhere in the image, as the image is at that moment) | "other" (the same region of `source`).
-
-    ROUNDS rectangles per image are drawn at once and stamped with the first round that covers each pixel; the
-    image's coverage before each round then follows from a histogram of those stamps, and the image takes the
-    rounds while it was still below its target. That is the official one-rectangle-at-a-time loop in a few dozen
-    kernel launches per batch instead of thousands.
+    take_rounds: take_rounds_ref or its kernel. Rectangles are drawn ROUNDS per image at a time and placed in one
+        call: a few launches per batch instead of the thousands of a rectangle at a time.
     """
     if fill not in FILLS or (fill == "other") != (source is not None) or (fill == "noise") != (noise is not None):
         raise ValueError(f"fill must be one of {FILLS}, with `source` exactly for 'other' and `noise` for 'noise'")
     B, _, H, W = images.shape
-    device = images.device
     low = min(0.5, fraction)
     target = (low + (fraction - low) * draws.uniform(B)) * H * W  # pixels to cover, (B,)
-    out, mask = images.clone(), torch.zeros(B, H, W, dtype=torch.bool, device=device)
-    rows, cols = torch.arange(H, device=device), torch.arange(W, device=device)
-    later = torch.arange(ROUNDS, 0, -1, dtype=torch.uint8, device=device)[:, None, None]  # round r -> ROUNDS - r
+    out, mask = images.clone(), torch.zeros(B, H, W, dtype=torch.bool, device=images.device)
     while True:
         top, height = _spans(draws, B, H, max_side, align)  # (ROUNDS, B) each
         left, width = _spans(draws, B, W, max_side, align)
-        in_rows = (rows >= top[..., None]) & (rows < (top + height)[..., None])  # (ROUNDS, B, H)
-        in_cols = (cols >= left[..., None]) & (cols < (left + width)[..., None])  # (ROUNDS, B, W)
-        # the first round covering each pixel: -1 already masked, 0..ROUNDS-1, ROUNDS none
-        stamp = torch.minimum((in_rows * later)[..., :, None], (in_cols * later)[..., None, :]).amax(0)  # (B, H, W)
-        first = torch.where(mask, -1, ROUNDS - stamp.long())
-        bins = torch.arange(B, device=device)[:, None, None] * (ROUNDS + 2) + first + 1
-        before = torch.bincount(bins.flatten(), minlength=B * (ROUNDS + 2)).view(B, ROUNDS + 2).cumsum(1)
-        taken = (before[:, :ROUNDS] < target[:, None]).sum(1)  # (B,) rounds taken: coverage before round r < target
+        mask, taken = take_rounds(mask, top, height, left, width, target)
         if fill == "self":  # copies what the image holds now: rectangle by rectangle
             for r in range(ROUNDS):
-                rect = in_rows[r, :, :, None] & in_cols[r, :, None, :] & (r < taken)[:, None, None]  # (B, H, W)
+                rect = _rectangle(H, W, top[r], height[r], left[r], width[r]) & (r < taken)[:, None, None]
                 out = torch.where(rect[:, None], _shifted(out, draws, top[r], height[r], left[r], width[r], align), out)
-        mask = first < taken[:, None, None]
         if not bool((mask.sum((1, 2)) < target).any()):
             break
     if fill == "self":
@@ -102,6 +116,14 @@ def corrupt(
     else:
         values = source
     return torch.where(mask[:, None], values, out), mask
+
+
+def _rectangle(H: int, W: int, top, height, left, width) -> torch.Tensor:
+    """[B, H, W] bool: each image's rectangle."""
+    rows, cols = torch.arange(H, device=top.device), torch.arange(W, device=top.device)
+    in_rows = (rows >= top[:, None]) & (rows < (top + height)[:, None])  # (B, H)
+    in_cols = (cols >= left[:, None]) & (cols < (left + width)[:, None])  # (B, W)
+    return in_rows[:, :, None] & in_cols[:, None, :]
 
 
 def _spans(draws: Draws, B: int, size: int, max_side: float, align: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -132,13 +154,16 @@ def replace_from_batch(
     fraction: float,
     max_side: float = 0.3,
     align: int = 1,
+    take_rounds: Callable = take_rounds_ref,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """SiT's second corruption: each image, with probability `prob`, is instead its clean view with `fraction` of it
     replaced by the same regions of a random image of this rank's batch (possibly itself, as the official code)."""
     B = clean.shape[0]
     take = draws.uniform(B) < prob
     partner = (draws.uniform(B) * B).long().clamp(max=B - 1)
-    replaced, replaced_mask = corrupt(clean, draws, fraction, "other", clean[partner], max_side, align)
+    replaced, replaced_mask = corrupt(
+        clean, draws, fraction, "other", clean[partner], max_side, align, take_rounds=take_rounds
+    )
     return (
         torch.where(take[:, None, None, None], replaced, corrupted),
         torch.where(take[:, None, None], replaced_mask, mask),

@@ -19,7 +19,7 @@ from torch import nn
 
 from fastvit_ssl import distributed
 from fastvit_ssl.config import Config, SitConfig
-from fastvit_ssl.data.gmml import Draws, corrupt, replace_from_batch
+from fastvit_ssl.data.gmml import Draws, corrupt, replace_from_batch, take_rounds_ref
 from fastvit_ssl.kernels.dispatch import REFERENCE_OPS, Ops
 from fastvit_ssl.methods.base import Method
 from fastvit_ssl.methods.ema import ema_update_ref_
@@ -52,6 +52,7 @@ class SiT(Method):
     seed: the run's seed; each step's corruption is drawn from (seed, step).
     loss_fn: contrastive loss with contrastive_loss_ref's signature (reference or fused kernel).
     ema_fn: in-place EMA with ema_update_ref_'s signature (reference or fused kernel).
+    take_rounds: GMML's rectangle rounds, take_rounds_ref or its kernel.
     """
 
     backbone_name = "online.encoder"
@@ -64,9 +65,10 @@ class SiT(Method):
         seed: int = 0,
         loss_fn: Callable = contrastive_loss_ref,
         ema_fn: Callable = ema_update_ref_,
+        take_rounds: Callable = take_rounds_ref,
     ):
         super().__init__(ema_fn)
-        self.cfg, self.seed, self.loss_fn = cfg, seed, loss_fn
+        self.cfg, self.seed, self.loss_fn, self.take_rounds = cfg, seed, loss_fn, take_rounds
         self.online = Student(encoder, cfg.dim, cfg.mlp_dim)
         self.teacher_encoder = copy.deepcopy(encoder).requires_grad_(False)
         for block in self.teacher_encoder.blocks:
@@ -80,8 +82,12 @@ class SiT(Method):
         """One view [B, C, H, W] -> (corrupted, mask [B, H, W]): GMML, then SiT's replacement from the batch."""
         c = self.cfg
         fill_noise = noise if c.corrupt_fill == "noise" else None
-        corrupted, mask = corrupt(clean, draws, c.corrupt_fraction, c.corrupt_fill, None, c.max_side, 1, fill_noise)
-        return replace_from_batch(clean, corrupted, mask, draws, c.replace_prob, c.replace_fraction, c.max_side)
+        corrupted, mask = corrupt(
+            clean, draws, c.corrupt_fraction, c.corrupt_fill, None, c.max_side, 1, fill_noise, self.take_rounds
+        )
+        return replace_from_batch(
+            clean, corrupted, mask, draws, c.replace_prob, c.replace_fraction, c.max_side, 1, self.take_rounds
+        )
 
     def prepare(self, views: list[torch.Tensor], step: int) -> dict[str, torch.Tensor]:
         """Both views, clean and corrupted, each as one [2B, ...] batch (BN statistics cover both views). The
@@ -148,4 +154,4 @@ class SiT(Method):
 
 def build_sit(cfg: Config, ops: Ops = REFERENCE_OPS) -> SiT:
     encoder = build_encoder(cfg, ops, drop_path_rate=cfg.sit.drop_path)
-    return SiT(encoder, cfg.sit, cfg.run.seed, loss_fn=ops.contrastive_loss, ema_fn=ops.ema_update_)
+    return SiT(encoder, cfg.sit, cfg.run.seed, ops.contrastive_loss, ops.ema_update_, ops.take_rounds)
