@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
 # The GPU suite: one command for a lent GPU machine, within about 8 minutes on one H100.
 #   bash benchmarks/gpu_suite.sh [OUT_DIR]        (default: benchmarks/results/<date>-<gpu>)
+# Where the checkout's .git did not travel with its files (a lent machine), name the commit you sent:
+#   FASTVIT_SSL_COMMIT=<sha> bash benchmarks/gpu_suite.sh
 # Runs the kernel tests compiled on CUDA, then the kernel benchmarks at realistic sizes, then the end-to-end
 # throughput benchmark when it exists. Only torch + triton (+ pytest, pyyaml, pillow) are needed; parts that need
 # DALI or DeepSpeed are skipped with a message. The checkout need not be installed: PYTHONPATH=. is enough.

@@ -18,17 +18,19 @@ LIBRARIES = ("torch", "triton", "numpy", "pillow", "nvidia-dali-cuda130", "nvidi
 
 
 def git_commit() -> str:
-    """The commit of the source tree this code runs from ("+dirty" with uncommitted changes); in a Docker image,
-    which holds no .git, the commit it was built from (FASTVIT_SSL_COMMIT); else "unknown"."""
+    """FASTVIT_SSL_COMMIT when set (a Docker image, which holds no .git; a copy of a checkout whose .git lags its
+    files); else the commit of the source tree this code runs from ("+dirty" with uncommitted changes), or
+    "unknown"."""
+    if os.environ.get("FASTVIT_SSL_COMMIT"):
+        return os.environ["FASTVIT_SSL_COMMIT"]
     here = Path(__file__).resolve().parent
-    fallback = os.environ.get("FASTVIT_SSL_COMMIT", "unknown")
     try:
         commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=here, capture_output=True, text=True, timeout=10)
         dirty = subprocess.run(["git", "status", "--porcelain"], cwd=here, capture_output=True, text=True, timeout=10)
     except (OSError, subprocess.SubprocessError):
-        return fallback
+        return "unknown"
     if commit.returncode:
-        return fallback
+        return "unknown"
     return commit.stdout.strip() + ("+dirty" if dirty.stdout.strip() else "")
 
 
