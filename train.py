@@ -31,6 +31,7 @@ from fastvit_ssl.kernels.dispatch import select_ops
 from fastvit_ssl.methods.build import build_method
 from fastvit_ssl.monitor import Monitor
 from fastvit_ssl.optim import schedules
+from fastvit_ssl.preemption import EarlyStop, StopRequests
 
 log = logging.getLogger("train")
 DEFAULT_CONFIG = Path(__file__).resolve().parent / "configs" / "demo.yaml"
@@ -49,9 +50,7 @@ def main(argv: list[str] | None = None) -> dict:
             f"data.batch_size={cfg.data.batch_size} is the global batch and must divide evenly over "
             f"{world} processes; use a multiple of {world}"
         )
-    run_dir = Path(cfg.run.out_dir) / cfg.run.name
-    if distributed.is_main():
-        runinfo.write(run_dir, cfg, device)
+    run_dir = Path(cfg.run.out_dir) / cfg.run.name  # nothing is written there before everything is validated
     torch.manual_seed(cfg.run.seed)
     torch.use_deterministic_algorithms(cfg.run.deterministic)
 
@@ -62,11 +61,15 @@ def main(argv: list[str] | None = None) -> dict:
     model = build_method(cfg, ops).to(device)
     engine = build_engine(cfg, model, device, ops)
     start_step, lr_scale = resume(cfg, run_dir, engine)
+    if distributed.is_main():
+        runinfo.record_start(run_dir, cfg, device, start_step)
     guard = NonFiniteGuard(
         cfg.run.max_bad_steps, cfg.run.on_nonfinite, cfg.run.rollback_lr_scale, cfg.run.max_rollbacks, lr_scale
     )
 
     total_steps = cfg.optim.epochs * loader.batches_per_epoch
+    if start_step >= total_steps:
+        log.info("%s finished at step %d already: evaluating only", run_dir, start_step)
     monitor = Monitor(run_dir, total_steps, cfg.data.batch_size, cfg.run.log_every, start_step, distributed.is_main())
     log.info(
         "%s %s on %s x%d: %d steps/epoch x %d epochs, from step %d -> %s",
@@ -81,7 +84,12 @@ def main(argv: list[str] | None = None) -> dict:
     )
 
     train_started = time.perf_counter()
-    step = train_loop(cfg, engine, loader, monitor, guard, run_dir, start_step, eval_data, device)
+    with StopRequests(cfg.run.max_minutes) as stops:
+        try:
+            step = train_loop(cfg, engine, loader, monitor, guard, stops, run_dir, start_step, eval_data, device)
+        except EarlyStop:
+            monitor.close()
+            raise
     train_seconds = time.perf_counter() - train_started
 
     summary = {
@@ -117,12 +125,14 @@ def train_loop(
     loader,
     monitor: Monitor,
     guard: NonFiniteGuard,
+    stops: StopRequests,
     run_dir: Path,
     step: int,
     eval_data,
     device: torch.device,
 ) -> int:
-    """Iterate from `step` to the end (or run.stop_at_step); returns the last step done."""
+    """Iterate from `step` to the end (or run.stop_at_step); returns the last step done. Raises EarlyStop, after a
+    checkpoint, when a signal or the wall-clock budget stops the run."""
     steps_per_epoch = loader.batches_per_epoch
     peak_lr = schedules.peak_learning_rate(cfg.optim.base_lr, cfg.data.batch_size)
     last_step = cfg.run.stop_at_step or cfg.optim.epochs * steps_per_epoch
@@ -144,14 +154,22 @@ def train_loop(
                 step = rollback(cfg, run_dir, engine, monitor)
                 break
             epoch_end = step % steps_per_epoch == 0
-            if (
+            scheduled = (
                 step == last_step
                 or (cfg.run.ckpt_every and step % cfg.run.ckpt_every == 0)
                 or (epoch_end and not cfg.run.ckpt_every)
-            ):
-                save_checkpoint(cfg, run_dir, engine, step, guard)
+            )
+            if scheduled:
+                save_checkpoint(cfg, run_dir, engine, step, guard, monitor)
             if step == last_step:
                 return step
+            if why := stops.reason(device):
+                path = (
+                    engine.checkpoints(run_dir)[-1]
+                    if scheduled
+                    else save_checkpoint(cfg, run_dir, engine, step, guard, monitor)
+                )
+                raise EarlyStop(f"{why}: stopped at step {step}; checkpoint {path}; rerun the same command to continue")
         else:
             knn_every = cfg.eval.knn_every_epochs
             if eval_data and knn_every and (step // steps_per_epoch) % knn_every == 0 and distributed.is_main():
@@ -216,14 +234,17 @@ def resume(cfg: Config, run_dir: Path, engine) -> tuple[int, float]:
     return 0, 1.0
 
 
-def save_checkpoint(cfg: Config, run_dir: Path, engine, step: int, guard: NonFiniteGuard) -> None:
-    """Save unless the model holds a non-finite value: a checkpoint is always a state worth going back to."""
+def save_checkpoint(cfg: Config, run_dir: Path, engine, step: int, guard: NonFiniteGuard, monitor: Monitor) -> Path:
+    """Save unless the model holds a non-finite value: a checkpoint is always a state worth going back to. The
+    metrics up to `step` are flushed first, so a run stopped after it has lost no row."""
+    monitor.flush()
     norms = torch._foreach_norm([p.detach() for p in engine.model.parameters() if p.numel()])
     if not bool(torch.isfinite(torch.stack(norms)).all()):
         raise TrainingDiverged(f"the model holds non-finite values at step {step}; not saving it")
     client_state = {"step": step, "config": cfg.to_dict(), "rng": checkpoint.rng_state(), "lr_scale": guard.lr_scale}
     path = engine.save(run_dir, step, client_state, keep_last=cfg.run.keep_last + 1)
     log.info("saved %s", path)
+    return path
 
 
 def pick_device(name: str) -> torch.device:

@@ -127,21 +127,37 @@ def load(path: Path) -> dict[str, Any]:
         ) from None
 
 
+RUN_SETTINGS = (("data", "root"), ("data", "batch_size"), ("optim", "epochs"), ("optim", "warmup_epochs"))
+
+
 def check_compatible(stored_cfg: dict[str, Any], current_cfg: dict[str, Any], path: Path) -> None:
-    """The model, the method and the method's own section decide the parameters: they must match. Keys a stored
-    config lacks (written before they existed) count as their defaults."""
-    stored_full, current = from_dict(stored_cfg).to_dict(), from_dict(current_cfg)
+    """The model, the method and the method's own section decide the parameters; the data, the batch size and the
+    schedule decide what the run is: all must match to continue from the checkpoint. Keys a stored config lacks
+    (written before they existed) count as their defaults."""
+    stored, current = from_dict(stored_cfg).to_dict(), from_dict(current_cfg).to_dict()
+    keys = [
+        (section, k)
+        for section in ("model", "method", method_section(from_dict(current_cfg)))
+        for k in current[section]
+    ]
     diffs = [
-        f"{section}.{k}: checkpoint {stored_full[section][k]!r}, this run {v!r}"
-        for section in ("model", "method", method_section(current))
-        for k, v in current.to_dict()[section].items()
-        if stored_full[section][k] != v
+        f"{section}.{k}: checkpoint {stored[section][k]!r}, this run {current[section][k]!r}"
+        for section, k in [*keys, *RUN_SETTINGS]
+        if _normal(section, k, stored[section][k]) != _normal(section, k, current[section][k])
     ]
     if diffs:
         raise IncompatibleCheckpoint(
-            f"checkpoint {path} was written for another model or method ({'; '.join(diffs)}). "
-            "Use the checkpoint's settings, or start a new run (another run.name, or resume=none)."
+            f"checkpoint {path} belongs to a run with other settings ({'; '.join(diffs)}). Continue it with its "
+            "settings, or start a new run beside it: pass another run.name (run.resume=none refuses a folder that "
+            "holds checkpoints)."
         )
+
+
+def _normal(section: str, key: str, value: Any) -> Any:
+    """Data roots compare as absolute paths."""
+    if (section, key) == ("data", "root") and value:
+        return str(Path(value).expanduser().resolve())
+    return value
 
 
 def rng_state() -> dict[str, Any]:

@@ -1,8 +1,11 @@
-"""Command-line entry points end with one line on stderr and exit code 2 for problems the user can fix, and leave
-the process group (if any) before the interpreter exits."""
+"""Command-line entry points end with one line on stderr and exit code 2 for problems the user can fix, or exit code
+3 (`preemption.RESUMABLE_EXIT`) when a signal or the wall-clock budget stopped a run after a checkpoint; either way
+they leave the process group (if any) before the interpreter exits. Under a launcher, rank 0 prints a config error
+(every rank has the same); other errors are printed by the rank that met them."""
 
 from __future__ import annotations
 
+import os
 import sys
 from collections.abc import Callable
 
@@ -11,16 +14,25 @@ from fastvit_ssl.checkpoint import CheckpointError
 from fastvit_ssl.config import ConfigError
 from fastvit_ssl.data.folder import DataError
 from fastvit_ssl.guard import TrainingDiverged
+from fastvit_ssl.preemption import EarlyStop
 
 USER_ERRORS = (ConfigError, DataError, CheckpointError, TrainingDiverged)
 
 
 def run(main: Callable[[], object]) -> None:
     """Call `main`; a user error prints `error: <what and how to fix it>` (no traceback) and exits with 2."""
+    rank = int(os.environ.get("RANK", "0"))
     try:
         main()
+    except EarlyStop as e:
+        if rank == 0:
+            print(str(e), file=sys.stderr, flush=True)
+        distributed.shutdown()
+        sys.exit(e.exit_code)
     except USER_ERRORS as e:
-        print(f"error: {e}", file=sys.stderr)
+        if rank == 0 or not isinstance(e, ConfigError):
+            where = f" (rank {rank})" if rank else ""
+            print(f"error{where}: {e}", file=sys.stderr, flush=True)
         distributed.shutdown(wait_for_others=False)  # a failed rank exits now, so the launcher sees the failure
         sys.exit(2)
     distributed.shutdown()

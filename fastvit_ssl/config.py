@@ -113,7 +113,7 @@ class EngineConfig:
 @dataclass
 class RunConfig:
     out_dir: str = "runs"
-    name: str = ""  # run folder is out_dir/name; "" takes the config file's name
+    name: str = ""  # run folder is out_dir/name; "": <config file name>, or <config>-<data folder> with data.root
     seed: int = 0
     device: Literal["auto", "cpu", "cuda"] = "auto"
     precision: Literal["fp32", "bf16"] = "fp32"
@@ -123,6 +123,7 @@ class RunConfig:
     keep_last: int = 2  # checkpoints kept besides the final one
     resume: str = "auto"  # auto: continue from the newest checkpoint in the run folder | none | a checkpoint path
     stop_at_step: int = 0  # stop (and checkpoint) after this step, as if interrupted; 0: run to the end
+    max_minutes: float = 0.0  # stop (checkpoint, exit 3) after this much training in one process; 0: no budget
     max_bad_steps: int = 3  # consecutive non-finite steps (each skipped) before on_nonfinite acts
     on_nonfinite: Literal["rollback", "stop"] = "rollback"  # back to the last checkpoint, or stop with a message
     rollback_lr_scale: float = 0.5  # the learning rate is multiplied by this at each rollback
@@ -160,17 +161,23 @@ def load(path: str | Path | None = None, overrides: list[str] = ()) -> Config:
         if not isinstance(tree, dict):
             raise ConfigError(f"{path} must hold a mapping of sections (model:, data:, ...), not {type(tree).__name__}")
         _apply_tree(cfg, tree, where=str(path))
-        if not cfg.run.name:
-            cfg.run.name = path.stem
     for item in overrides:
         key, sep, text = item.partition("=")
         if not sep:
             raise ConfigError(f"override {item!r} must look like section.key=value, e.g. optim.base_lr=1e-4")
         _set(cfg, key.strip(), yaml.safe_load(text) if text.strip() else "", where="command line")
     if not cfg.run.name:
-        cfg.run.name = "run"
+        cfg.run.name = default_run_name(path, cfg.data.root)
     validate(cfg)
     return cfg
+
+
+def default_run_name(config_path: Path | None, data_root: str) -> str:
+    """The config file's name, and the data folder's when there is one: `demo`, `vit_small-imagenet`. Two data
+    sets never share a run folder by default."""
+    name = config_path.stem if config_path is not None else "run"
+    folder = Path(data_root).expanduser().resolve().name if data_root else ""
+    return f"{name}-{folder}" if folder else name
 
 
 def from_dict(tree: dict[str, Any]) -> Config:
@@ -260,6 +267,7 @@ def validate(cfg: Config) -> None:
         (cfg.run.log_every > 0, "run.log_every must be positive"),
         (cfg.run.ckpt_every >= 0 and cfg.run.keep_last >= 0, "run.ckpt_every and run.keep_last must be >= 0"),
         (cfg.run.stop_at_step >= 0, "run.stop_at_step must be >= 0"),
+        (cfg.run.max_minutes >= 0, "run.max_minutes must be >= 0 (0: no wall-clock budget)"),
         (cfg.engine.zero_stage in (0, 1, 2, 3), "engine.zero_stage must be 0, 1, 2 or 3"),
         (cfg.run.max_bad_steps > 0 and cfg.run.max_rollbacks >= 0, "run.max_bad_steps > 0 and run.max_rollbacks >= 0"),
         (0 < cfg.run.rollback_lr_scale <= 1, "run.rollback_lr_scale must lie in (0, 1]"),

@@ -68,13 +68,10 @@ class Monitor:
         self.window_steps += 1
         if step % self.log_every and step != self.total_steps:
             return
-        rows = [{"step": s, "epoch": round(e, 4), **{k: float(v) for k, v in m.items()}} for s, e, m in self.pending]
         elapsed = time.perf_counter() - self.window_start
         speed = self.window_steps * self.images_per_step / max(elapsed, 1e-9)
-        rows[-1]["images_per_second"] = speed
-        self.pending, self.window_start, self.window_steps = [], time.perf_counter(), 0
-        self._write(rows + [event for r in rows if (event := self.loss_spike(r))])
-        last = rows[-1]
+        self.window_start, self.window_steps = time.perf_counter(), 0
+        last = self.flush(images_per_second=speed)
         eta = (self.total_steps - step) * self.images_per_step / max(speed, 1e-9)
         log.info(
             "step %d/%d (epoch %.2f) loss %.4f lr %.3g m %.5f grad %.3g | %.0f img/s | ETA %s",
@@ -88,6 +85,17 @@ class Monitor:
             speed,
             format_seconds(eta),
         )
+
+    def flush(self, **last_row_extra) -> dict:
+        """Write the buffered steps' rows to metrics.jsonl (at each log line, checkpoint, stop and the end), so a
+        stopped run loses no row; returns the last row written ({} if none)."""
+        rows = [{"step": s, "epoch": round(e, 4), **{k: float(v) for k, v in m.items()}} for s, e, m in self.pending]
+        self.pending = []
+        if not rows:
+            return {}
+        rows[-1].update(last_row_extra)
+        self._write(rows + [event for r in rows if (event := self.loss_spike(r))])
+        return rows[-1]
 
     def loss_spike(self, row: dict) -> dict | None:
         """An event when the loss exceeds 1.5x the median of the last 50 finite steps."""
@@ -125,6 +133,7 @@ class Monitor:
 
     def close(self) -> Path | None:
         """Write training_curves.png from the whole metrics history; returns its path."""
+        self.flush()
         if not self.enabled:
             return None
         if self.tb is not None:

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import datetime
 import json
+import logging
 import os
 import platform
 import subprocess
@@ -11,9 +13,11 @@ from importlib import metadata
 from pathlib import Path
 
 import torch
+import yaml
 
 from fastvit_ssl import config, distributed
 
+log = logging.getLogger(__name__)
 LIBRARIES = ("torch", "triton", "numpy", "pillow", "nvidia-dali-cuda130", "nvidia-dali-cuda120", "deepspeed")
 
 
@@ -50,15 +54,26 @@ def device_name(device: torch.device) -> str:
     return f"{platform.processor() or platform.machine()} CPU, {torch.get_num_threads()} threads"
 
 
-def write(run_dir: Path, cfg: config.Config, device: torch.device) -> None:
-    """config.yaml (the resolved config) and run_info.json in the run folder."""
+def record_start(run_dir: Path, cfg: config.Config, device: torch.device, start_step: int) -> None:
+    """Called once validation has passed. Appends this start to run_info.jsonl (git commit, versions, device,
+    ranks, command, step); writes config.yaml at the first start. A resume whose settings differ from config.yaml
+    (only those that may change: logging, workers, evaluation, ...) keeps it and saves its own beside it."""
     run_dir.mkdir(parents=True, exist_ok=True)
-    config.save_yaml(cfg, run_dir / "config.yaml")
     info = {
+        "started": datetime.datetime.now().isoformat(timespec="seconds"),
+        "step": start_step,
         "git_commit": git_commit(),
         "versions": versions(),
         "device": device_name(device),
         "world_size": distributed.world_size(),
         "command": sys.argv,
     }
-    (run_dir / "run_info.json").write_text(json.dumps(info, indent=2) + "\n")
+    with open(run_dir / "run_info.jsonl", "a") as f:
+        f.write(json.dumps(info) + "\n")
+    first = run_dir / "config.yaml"
+    if not first.exists():
+        config.save_yaml(cfg, first)
+    elif config.from_dict(yaml.safe_load(first.read_text()) or {}).to_dict() != cfg.to_dict():
+        changed = run_dir / f"config.resumed-step{start_step}.yaml"
+        config.save_yaml(cfg, changed)
+        log.info("settings differ from %s at this resume: saved as %s", first.name, changed.name)

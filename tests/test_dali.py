@@ -105,7 +105,7 @@ def test_check_tool_lists_unreadable_files_and_exits_non_zero(tmp_path, capsys):
     assert str(bad) in out and "1 unreadable of 3 images" in err
 
 
-def test_webdataset_shards(tmp_path):
+def make_shards(tmp_path) -> list:
     images = make_image_folder(tmp_path / "images", classes=2, per_class=10)
     tars = []
     for shard in range(2):
@@ -113,6 +113,25 @@ def test_webdataset_shards(tmp_path):
         with tarfile.open(tars[-1], "w") as tar:
             for i, path in enumerate(sorted((images / f"class_{shard}").iterdir())):
                 tar.add(path, arcname=f"{shard:02d}{i:04d}.jpg")
+    return tars
+
+
+@pytest.mark.parametrize("source", ["image_folder", "webdataset"])
+def test_a_resumed_epoch_gives_the_uninterrupted_batches(source, dataset_root, tmp_path):
+    """Positioned mid-epoch (a resume), the loader yields exactly the rest of the epoch it would have yielded."""
+    data = scan_image_folder(dataset_root / "train")[0] if source == "image_folder" else make_shards(tmp_path)
+    make = lambda: DaliViewLoader(data, moco_v3_views(16), 4, seed=5, num_threads=2, device=CPU)  # noqa: E731
+    whole = collect(make(), epoch=1)
+    loader = make()
+    loader.start(1, first_batch=2)
+    rest = list(loader)
+    assert len(rest) == len(whole) - 2 > 0
+    for resumed, uninterrupted in zip(rest, whole[2:]):
+        assert all(torch.equal(a, b) for a, b in zip(resumed.views, uninterrupted.views))
+
+
+def test_webdataset_shards(tmp_path):
+    tars = make_shards(tmp_path)
     loader = DaliViewLoader(tars, moco_v3_views(16), 4, seed=0, num_threads=1, device=CPU)
     assert loader.batches_per_epoch == 5
     batches = collect(loader)

@@ -169,21 +169,28 @@ class DaliViewLoader:
     def __iter__(self):
         from nvidia.dali.plugin.pytorch import DALIGenericIterator, LastBatchPolicy
 
-        seed = int(np.random.default_rng([self.seed, self.epoch, self.first_batch]).integers(2**31))
+        # DALI's random state cannot jump to a batch: a resumed epoch rebuilds the epoch's pipeline from its start
+        # (same seed, same order) and replays the batches already trained on, so every step sees what it would
+        # have seen uninterrupted.
+        seed = int(np.random.default_rng([self.seed, self.epoch]).integers(2**31))
         if self.tars is None:
-            self.sampler.start(self.epoch, self.first_batch)
+            self.sampler.start(self.epoch)
             order = [i for batch in self.sampler for i, _ in batch]
             source = {"files": [self.samples[i][0] for i in order], "labels": [self.samples[i][1] for i in order]}
-            skip = 0
         else:
             source = {"tars": self.tars, "shard_id": (self.rank + self.epoch) % self.world, "num_shards": self.world}
-            skip = self.first_batch  # DALI's shuffle cannot jump: replay the batches already trained on
+        if self.first_batch:
+            log.info(
+                "DALI: replaying %d batches of epoch %d to resume its random state exactly",
+                self.first_batch,
+                self.epoch,
+            )
         pipe = build_pipeline(self.views, self.local_batch, self.num_threads, self.device_id, seed, **source)
         names = [f"view{i}" for i in range(len(self.views))]
         iterator = DALIGenericIterator(
             [pipe], [*names, "label"], reader_name="reader", last_batch_policy=LastBatchPolicy.DROP
         )
-        for _ in range(skip):
+        for _ in range(self.first_batch):
             _next(iterator)
         for _ in range(self.batches_per_epoch - self.first_batch):
             out = _next(iterator)

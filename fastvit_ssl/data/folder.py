@@ -51,6 +51,18 @@ def scan_image_folder(root: str | Path, classes: list[str] | None = None) -> tup
     return samples, classes
 
 
+def labelled_root(root: str | Path) -> Path:
+    """`root` if it holds the labelled train/ and val/ ImageFolder trees evaluation needs, else a DataError."""
+    root = Path(root)
+    missing = [part for part in ("train", "val") if not (root / part).is_dir()]
+    if missing:
+        raise DataError(
+            f"evaluation needs labelled ImageFolder trees {root}/train/<class>/ and {root}/val/<class>/; "
+            f"{' and '.join(str(root / m) for m in missing)} missing: pass --data with a folder holding both"
+        )
+    return root
+
+
 def load_rgb(path: str) -> Image.Image:
     """Decode fully (so truncated files fail here, not later) and convert grayscale/CMYK/palette to RGB."""
     with Image.open(path) as img:

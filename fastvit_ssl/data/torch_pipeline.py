@@ -16,6 +16,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 
 from fastvit_ssl.data.augment import IMAGENET_MEAN, IMAGENET_STD, ViewAugment, sample_crop
 from fastvit_ssl.data.folder import DataError, first_readable
+from fastvit_ssl.preemption import ignore_in_worker
 
 
 @dataclass
@@ -186,6 +187,7 @@ class TorchViewLoader:
             pin_memory=pin_memory,
             persistent_workers=num_workers > 0,
             generator=torch.Generator().manual_seed(seed),  # not the global RNG, which a resume restores
+            worker_init_fn=ignore_in_worker,  # SIGTERM/SIGINT are the main process's: it stops cleanly
         )
 
     def start(self, epoch: int, first_batch: int = 0) -> None:

@@ -27,7 +27,7 @@ from torch.utils.data import DataLoader, Dataset
 from fastvit_ssl.config import ConfigError, load
 from fastvit_ssl.data.augment import ViewAugment
 from fastvit_ssl.data.build import resolve_root
-from fastvit_ssl.data.folder import first_readable, scan_image_folder
+from fastvit_ssl.data.folder import first_readable, labelled_root, scan_image_folder
 from fastvit_ssl.data.randaugment import rand_augment, random_erase
 from fastvit_ssl.data.torch_pipeline import EvalDataset, augment_image, to_normalized_tensor
 from fastvit_ssl.eval.encoder import load_encoder, random_encoder
@@ -233,7 +233,7 @@ def main(argv: list[str] | None = None) -> dict:
         recipe.pool = "cls+mean" if cfg.method.name == "sit" else "cls"
     if recipe.pool not in ("cls", "cls+mean"):
         raise ConfigError(f"--pool {recipe.pool!r} must be auto, cls or cls+mean")
-    root = args.data or resolve_root(cfg)
+    root = labelled_root(args.data or resolve_root(cfg))
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     return print_result({**finetune(encoder, root, recipe, device), "random_init": args.random_init}, started)
 

@@ -76,7 +76,7 @@ def main(argv: list[str] | None = None) -> dict:
     from pathlib import Path
 
     from fastvit_ssl.data.build import build_eval_data, resolve_root
-    from fastvit_ssl.data.folder import scan_image_folder
+    from fastvit_ssl.data.folder import labelled_root, scan_image_folder
     from fastvit_ssl.eval.encoder import load_encoder
     from fastvit_ssl.eval.report import print_result
 
@@ -88,7 +88,7 @@ def main(argv: list[str] | None = None) -> dict:
     args = parser.parse_args(argv)
     started = time.perf_counter()
     encoder, cfg = load_encoder(args.checkpoint)
-    root = args.data or resolve_root(cfg)
+    root = labelled_root(args.data or resolve_root(cfg))
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     eval_data = build_eval_data(cfg, root, *scan_image_folder(root / "train"))
     top1 = knn_top1(encoder.to(device), *eval_data, device, args.k, args.temperature)

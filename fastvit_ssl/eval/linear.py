@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from fastvit_ssl.data.build import build_eval_data, resolve_root
-from fastvit_ssl.data.folder import scan_image_folder
+from fastvit_ssl.data.folder import labelled_root, scan_image_folder
 from fastvit_ssl.eval.encoder import load_encoder, random_encoder
 from fastvit_ssl.eval.knn import extract_features
 from fastvit_ssl.eval.report import print_result
@@ -93,7 +93,7 @@ def main(argv: list[str] | None = None) -> dict:
     encoder, cfg = load_encoder(args.checkpoint)
     if args.random_init:
         encoder = random_encoder(cfg)
-    root = args.data or resolve_root(cfg)
+    root = labelled_root(args.data or resolve_root(cfg))
     train_samples, classes = scan_image_folder(root / "train")
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     top1, top5 = linear_probe(
