@@ -159,16 +159,12 @@ def train_loop(
                 or (cfg.run.ckpt_every and step % cfg.run.ckpt_every == 0)
                 or (epoch_end and not cfg.run.ckpt_every)
             )
-            if scheduled:
-                save_checkpoint(cfg, run_dir, engine, step, guard, monitor)
+            why = stops.reason(device)  # on every rank at every step: they stop after the same one
+            if scheduled or why:
+                path = save_checkpoint(cfg, run_dir, engine, step, guard, monitor)
             if step == last_step:
                 return step
-            if why := stops.reason(device):
-                path = (
-                    engine.checkpoints(run_dir)[-1]
-                    if scheduled
-                    else save_checkpoint(cfg, run_dir, engine, step, guard, monitor)
-                )
+            if why:
                 raise EarlyStop(f"{why}: stopped at step {step}; checkpoint {path}; rerun the same command to continue")
         else:
             knn_every = cfg.eval.knn_every_epochs

@@ -70,6 +70,13 @@ def all_reduce_mean(x: torch.Tensor) -> torch.Tensor:
     return x
 
 
+def all_reduce_sum(x: torch.Tensor) -> torch.Tensor:
+    if world_size() > 1:
+        x = x.clone()
+        dist.all_reduce(x)
+    return x
+
+
 def all_reduce_max(x: torch.Tensor) -> float:
     """The largest of a one-element tensor over ranks, as a Python float (a host sync)."""
     if world_size() > 1:

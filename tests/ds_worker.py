@@ -81,6 +81,11 @@ def train(engine, optimizer: str, steps=range(STEPS)) -> list[float]:
     return [engine.step(views(s), s, hparams(optimizer))[0]["loss"].item() for s in steps]
 
 
+def first_step_layer_norms(engine, optimizer: str) -> dict[str, float]:
+    metrics = engine.step(views(0), 0, hparams(optimizer))[0]
+    return {k: v.item() for k, v in metrics.items() if k.startswith("grad/")}
+
+
 def experiments(kind: str, tmp: Path) -> dict:
     results = {}
     runs = [("adamw", 0), ("adamw", 1), ("adamw", 2), ("adamw", 3), ("lars", 2), ("lamb", 2), ("lars", 3)]
@@ -90,6 +95,9 @@ def experiments(kind: str, tmp: Path) -> dict:
     for stage in [2, 3] if kind == "deepspeed" else [0]:  # two steps: SiT's tiny run turns chaotic after that
         engine, _ = make_engine(kind, "lars", stage, method=SIT)
         results[f"sit-zero{stage}"] = {"losses": train(engine, "lars", range(2)), "weights": full_weights(engine)}
+    for stage in [0, 2, 3] if kind == "deepspeed" else [0]:  # stage 1 reads its gradients as stage 2 does
+        engine, _ = make_engine(kind, "lars", stage)
+        results[f"layer-norms-zero{stage}"] = first_step_layer_norms(engine, "lars")
     if kind == "deepspeed":
         engine, _ = make_engine(kind, "lars", 2, layout=False)
         results["lars-zero2-per-shard"] = {"losses": train(engine, "lars"), "weights": full_weights(engine)}

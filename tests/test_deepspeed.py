@@ -88,6 +88,16 @@ def test_save_load_continue_equals_uninterrupted(results):
     assert max_diff(resumed["weights"], uninterrupted["weights"]) == 0.0
 
 
+@pytest.mark.parametrize("stage", [0, 2, 3])
+def test_per_layer_gradient_norms_are_the_local_engines(results, stage):
+    """Read from ZeRO's partitions on two ranks: the same layers and norms as one process computes (first step,
+    same weights and batch)."""
+    ours, reference = results[0][f"layer-norms-zero{stage}"], results[1]["layer-norms-zero0"]
+    assert sorted(ours) == sorted(reference) and "grad/block00" in ours and "grad/patch_embed" in ours
+    for key, value in reference.items():
+        assert ours[key] == pytest.approx(value, rel=1e-4), key
+
+
 def test_deepspeed_config_is_generated_from_ours():
     from fastvit_ssl.config import load, to_deepspeed
 

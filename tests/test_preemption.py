@@ -58,7 +58,6 @@ def launch(launcher: str, overrides: list[str], cwd: Path, signal_at: str = "") 
 
 MATRIX = [  # pipeline, launcher, signal "rank:engine call:name"
     ("torch", "local", "0:5:SIGTERM"),
-    ("torch", "local", "0:3:SIGINT"),
     ("dali", "local", "0:5:SIGTERM"),
     ("webdataset", "local", "0:4:SIGINT"),
     ("torch", "torchrun", "1:5:SIGTERM"),  # one rank signalled: both stop after the same step
@@ -78,8 +77,9 @@ def test_a_signal_saves_says_how_to_continue_and_the_rerun_finishes_exactly(
     if launcher == "deepspeed":
         overrides += ["engine.name=deepspeed", "engine.zero_stage=2", "optim.name=lars"]
     runs = tmp_path / "runs"
-    reference = launch(launcher, [*overrides, "run.name=uninterrupted"], tmp_path)
-    assert reference.returncode == 0, reference.stderr[-3000:]
+    if launcher != "deepspeed":  # its resumed losses are checked for completeness and finiteness only
+        reference = launch(launcher, [*overrides, "run.name=uninterrupted"], tmp_path)
+        assert reference.returncode == 0, reference.stderr[-3000:]
 
     stopped = launch(launcher, overrides, tmp_path, signal_at)
     name = signal_at.rsplit(":", 1)[1]
@@ -94,7 +94,7 @@ def test_a_signal_saves_says_how_to_continue_and_the_rerun_finishes_exactly(
     final = launch(launcher, overrides, tmp_path)
     assert final.returncode == 0, final.stderr[-3000:]
     assert f"(step {step})" in final.stdout
-    if launcher == "deepspeed":  # bf16-free here, but ZeRO's reduction order is not promised: finite, every step
+    if launcher == "deepspeed":  # fp32 here, but ZeRO's reduction order is not promised: every step once, finite
         resumed = rows(runs / "tiny")
         assert sorted(resumed) == list(range(1, 10)) and all(torch.isfinite(torch.tensor(list(resumed.values()))))
     else:

@@ -40,7 +40,7 @@ def test_tiny_run_writes_summary_metrics_plot_and_checkpoint(tiny_overrides, cap
     assert sorted(losses(run_dir)) == list(range(1, 7))
     assert all(torch.isfinite(torch.tensor(v)) for v in losses(run_dir).values())
     assert (run_dir / "training_curves.png").stat().st_size > 1000
-    info = json.loads((run_dir / "run_info.json").read_text())
+    info = json.loads((run_dir / "run_info.jsonl").read_text().splitlines()[0])
     assert info["git_commit"] and info["versions"]["torch"] == torch.__version__
     assert "model:" in (run_dir / "config.yaml").read_text()
     state = checkpoint.load(Path(summary["checkpoint"]))

@@ -26,6 +26,7 @@ from torch.utils._pytree import tree_map
 
 from fastvit_ssl import checkpoint, distributed
 from fastvit_ssl.config import Config, to_deepspeed
+from fastvit_ssl.engine.local import layer_groups
 from fastvit_ssl.kernels.dispatch import Ops
 from fastvit_ssl.methods.base import Method
 from fastvit_ssl.optim.build import build_optimizer
@@ -68,15 +69,42 @@ class DeepSpeedEngine:
         losses = self.model.step_losses(views, step, hparams.momentum, self.forward_online, self.update_ema)
         loss = losses["loss"] * float("nan") if poison else losses["loss"]
         finite = bool(distributed.all_reduce_mean(torch.isfinite(loss).float()) == 1)  # every rank decides alike
+        layer_norms = {}
         if finite:
             self.ds.backward(loss)
+            layer_norms = self.grad_norms_by_layer()  # before step: ZeRO frees the gradients there
             self.ds.step()
         norm = self.ds.get_global_grad_norm() if finite else None
         grad_norm = torch.as_tensor(float("nan") if norm is None else float(norm))
         finite = finite and bool(torch.isfinite(grad_norm))
         if not finite:
             torch._foreach_copy_(list(self.model.buffers()), buffers)
-        return {**losses, "loss": loss.detach(), "grad_norm": grad_norm}, finite
+        return {**losses, "loss": loss.detach(), "grad_norm": grad_norm, **layer_norms}, finite
+
+    def grad_norms_by_layer(self) -> dict[str, torch.Tensor]:
+        """The local engine's per-layer gradient norms, read from ZeRO's partitions: each rank sums the squares of
+        the gradient elements it owns, one all-reduce adds them up. No host sync."""
+        groups = layer_groups(self.model)
+        zero = torch.zeros((), device=self.device)
+        squares = torch.stack([sum((self._owned_grad_square(p) for p in ps), zero) for ps in groups.values()])
+        return dict(zip(groups, distributed.all_reduce_sum(squares).sqrt()))
+
+    def _owned_grad_square(self, p: torch.nn.Parameter) -> torch.Tensor | float:
+        """Sum of squares of the reduced gradient elements of `p` that this rank owns."""
+        if self.stage == 3:
+            from deepspeed.utils import safe_get_local_grad
+
+            grad = safe_get_local_grad(p)
+        elif hasattr(p, "_hp_mapping"):  # ZeRO 1/2 and the bf16 optimizer: this rank's fragment, if any
+            mapping = p._hp_mapping
+            if mapping is None:
+                return 0.0
+            grad = mapping.get_lp_grad_fragment(p._index_in_param_group).flatten()
+            if grad.numel() == p.numel():  # a full buffer on every rank: count only the fragment owned here
+                grad = grad.narrow(0, mapping.lp_fragment_address.start, mapping.lp_fragment_address.numel)
+        else:  # stage 0 in fp32: every rank holds the whole reduced gradient; rank 0 counts it
+            grad = p.grad if distributed.is_main() else None
+        return 0.0 if grad is None else grad.detach().float().square().sum()
 
     def forward_online(self, *inputs: torch.Tensor):
         """The engine's module on inputs in its dtype (uint8 images stay), outputs back in fp32 for the losses."""

@@ -103,13 +103,14 @@ def clip_gradients(params: list[torch.Tensor], max_norm: float, mode: str = "glo
     return torch.linalg.vector_norm(torch.stack(norms))
 
 
-def grad_norms_by_layer(method: Method) -> dict[str, torch.Tensor]:
-    """Gradient norm of the first layer (the patch projection when it trains, else block 0), of every block, of the
-    rest of the backbone and of each head: the paper's instability shows as spikes in the first layer's gradient."""
+def layer_groups(method: Method) -> dict[str, list[torch.nn.Parameter]]:
+    """The trained parameters by layer: the first layer (the patch projection when it trains, else block 0), every
+    block, the rest of the backbone and each head: the paper's instability shows as spikes in the first layer's
+    gradient."""
     backbone = {id(p): name.split(".") for name, p in method.backbone.named_parameters()}
-    groups: dict[str, list[torch.Tensor]] = {}
+    groups: dict[str, list[torch.nn.Parameter]] = {}
     for name, p in method.online.named_parameters():
-        if p.grad is None:
+        if not p.requires_grad:
             continue
         parts = backbone.get(id(p))
         if parts is None:
@@ -118,5 +119,15 @@ def grad_norms_by_layer(method: Method) -> dict[str, torch.Tensor]:
             key = f"grad/block{int(parts[1]):02d}"
         else:
             key = "grad/patch_embed" if parts[0] == "patch_embed" else "grad/encoder_other"
-        groups.setdefault(key, []).append(p.grad)
-    return {k: torch.linalg.vector_norm(torch.stack(torch._foreach_norm(g))) for k, g in groups.items()}
+        groups.setdefault(key, []).append(p)
+    return groups
+
+
+def grad_norms_by_layer(method: Method) -> dict[str, torch.Tensor]:
+    """Gradient norm of each of `layer_groups`."""
+    norms = {}
+    for key, params in layer_groups(method).items():
+        grads = [p.grad for p in params if p.grad is not None]
+        if grads:
+            norms[key] = torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads)))
+    return norms
