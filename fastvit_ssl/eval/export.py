@@ -1,6 +1,6 @@
 """Export the pre-trained encoder for timm, and read timm/DeiT weights back for fine-tuning.
 
-    python -m fastvit_ssl.eval.export --checkpoint runs/vit_small --out vit_small_mocov3.safetensors
+    python -m fastvit_ssl.eval.export --checkpoint runs/vit_small-imagenet --out vit_small_mocov3.safetensors
 
 writes the base encoder alone (no heads, no momentum encoder, no `module.`/`online.` prefixes) in timm's
 VisionTransformer key layout, and FILE.json with the timm model name and the constructor arguments that rebuild
