@@ -5,8 +5,9 @@ fraction, then add random rectangles (top-left anywhere, sides from `align` pixe
 side, snapped to `align`) until the covered fraction reaches it; fill them with zeros, Gaussian noise, content
 from elsewhere in the same image, or the same region of another image.
 
-Here all images of a batch draw their rectangles together, round after round, on the tensors' device; an image
-stops taking rectangles once covered, so each follows the official loop. The draws come from generators the
+Here all images of a batch draw their rectangles together, ROUNDS at a time, on the tensors' device, and an image
+takes them in order while it is below its target (`take_rounds_ref`, or its kernel in kernels/gmml.py), so each
+follows the official loop. The draws come from generators the
 caller seeds (the run's seed and the step), so a resumed run corrupts its batches exactly as before; and every
 draw is made for the whole global batch and sliced to this rank's share (`Draws`), so an image's corruption does
 not depend on how many ranks share the batch (except noise, drawn per rank, and the partner of a replacement,
