@@ -134,12 +134,9 @@ def check_compatible(stored_cfg: dict[str, Any], current_cfg: dict[str, Any], pa
     """The model, the method and the method's own section decide the parameters; the data, the batch size and the
     schedule decide what the run is: all must match to continue from the checkpoint. Keys a stored config lacks
     (written before they existed) count as their defaults."""
-    stored, current = from_dict(stored_cfg).to_dict(), from_dict(current_cfg).to_dict()
-    keys = [
-        (section, k)
-        for section in ("model", "method", method_section(from_dict(current_cfg)))
-        for k in current[section]
-    ]
+    run = from_dict(current_cfg)
+    stored, current = from_dict(stored_cfg).to_dict(), run.to_dict()
+    keys = [(section, k) for section in ("model", "method", method_section(run)) for k in current[section]]
     diffs = [
         f"{section}.{k}: checkpoint {stored[section][k]!r}, this run {current[section][k]!r}"
         for section, k in [*keys, *RUN_SETTINGS]

@@ -62,27 +62,22 @@ def all_gather_cat(x: torch.Tensor) -> torch.Tensor:
     return torch.cat(parts)
 
 
-def all_reduce_mean(x: torch.Tensor) -> torch.Tensor:
-    if world_size() > 1:
-        x = x.clone()
-        dist.all_reduce(x)
-        x /= world_size()
-    return x
-
-
 def all_reduce_sum(x: torch.Tensor) -> torch.Tensor:
-    if world_size() > 1:
-        x = x.clone()
-        dist.all_reduce(x)
+    return _all_reduce(x, dist.ReduceOp.SUM) if world_size() > 1 else x
+
+
+def all_reduce_mean(x: torch.Tensor) -> torch.Tensor:
+    return _all_reduce(x, dist.ReduceOp.SUM) / world_size() if world_size() > 1 else x
+
+
+def all_reduce_max(x: torch.Tensor) -> torch.Tensor:
+    return _all_reduce(x, dist.ReduceOp.MAX) if world_size() > 1 else x
+
+
+def _all_reduce(x: torch.Tensor, op) -> torch.Tensor:
+    x = x.clone()
+    dist.all_reduce(x, op=op)
     return x
-
-
-def all_reduce_max(x: torch.Tensor) -> float:
-    """The largest of a one-element tensor over ranks, as a Python float (a host sync)."""
-    if world_size() > 1:
-        x = x.clone()
-        dist.all_reduce(x, op=dist.ReduceOp.MAX)
-    return float(x)
 
 
 def barrier() -> None:

@@ -57,9 +57,8 @@ class StopRequests:
         if signum == self.signum:  # the same signal again: no more waiting
             signal.signal(signum, signal.SIG_DFL)
             os.kill(os.getpid(), signum)
-        first = self.signum is None
-        self.signum = self.signum or signum
-        if first:
+        if self.signum is None:
+            self.signum = signum
             log.warning(
                 "%s received: finishing this step and saving a checkpoint (send it again to stop at once)",
                 signal.Signals(signum).name,

@@ -7,11 +7,11 @@ from elsewhere in the same image, or the same region of another image.
 
 Here all images of a batch draw their rectangles together, ROUNDS at a time, on the tensors' device, and an image
 takes them in order while it is below its target (`take_rounds_ref`, or its kernel in kernels/gmml.py), so each
-follows the official loop. The draws come from generators the
-caller seeds (the run's seed and the step), so a resumed run corrupts its batches exactly as before; and every
-draw is made for the whole global batch and sliced to this rank's share (`Draws`), so an image's corruption does
-not depend on how many ranks share the batch (except noise, drawn per rank, and the partner of a replacement,
-which comes from the rank's own images as in the official code).
+follows the official loop. The draws come from generators the caller seeds (the run's seed and the step), so a
+resumed run corrupts its batches exactly as before; and every draw is made for the whole global batch and sliced
+to this rank's share (`Draws`), so an image's corruption does not depend on how many ranks share the batch (except
+noise, drawn per rank, and the partner of a replacement, which comes from the rank's own images as in the
+official code).
 """
 
 from __future__ import annotations
@@ -60,10 +60,8 @@ def take_rounds_ref(
     rounds, B = top.shape
     _, H, W = mask.shape
     device = mask.device
-    rows, cols = torch.arange(H, device=device), torch.arange(W, device=device)
     later = torch.arange(rounds, 0, -1, dtype=torch.uint8, device=device)[:, None, None]  # round r -> rounds - r
-    in_rows = (rows >= top[..., None]) & (rows < (top + height)[..., None])  # (ROUNDS, B, H)
-    in_cols = (cols >= left[..., None]) & (cols < (left + width)[..., None])  # (ROUNDS, B, W)
+    in_rows, in_cols = _sides(H, W, top, height, left, width)  # (ROUNDS, B, H), (ROUNDS, B, W)
     stamp = torch.minimum((in_rows * later)[..., :, None], (in_cols * later)[..., None, :]).amax(0)  # (B, H, W)
     first = torch.where(mask, -1, rounds - stamp.long())  # -1 masked before, 0..ROUNDS-1, ROUNDS none
     bins = torch.arange(B, device=device)[:, None, None] * (rounds + 2) + first + 1
@@ -102,8 +100,9 @@ def corrupt(
         left, width = _spans(draws, B, W, max_side, align)
         mask, taken = take_rounds(mask, top, height, left, width, target)
         if fill == "self":  # copies what the image holds now: rectangle by rectangle
+            in_rows, in_cols = _sides(H, W, top, height, left, width)  # (ROUNDS, B, H), (ROUNDS, B, W)
             for r in range(ROUNDS):
-                rect = _rectangle(H, W, top[r], height[r], left[r], width[r]) & (r < taken)[:, None, None]
+                rect = in_rows[r, :, :, None] & in_cols[r, :, None, :] & (r < taken)[:, None, None]  # (B, H, W)
                 out = torch.where(rect[:, None], _shifted(out, draws, top[r], height[r], left[r], width[r], align), out)
         if not bool((mask.sum((1, 2)) < target).any()):
             break
@@ -119,12 +118,12 @@ def corrupt(
     return torch.where(mask[:, None], values, out), mask
 
 
-def _rectangle(H: int, W: int, top, height, left, width) -> torch.Tensor:
-    """[B, H, W] bool: each image's rectangle."""
+def _sides(H: int, W: int, top, height, left, width) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rectangles [..., B] -> (rows inside [..., B, H], columns inside [..., B, W]) bool."""
     rows, cols = torch.arange(H, device=top.device), torch.arange(W, device=top.device)
-    in_rows = (rows >= top[:, None]) & (rows < (top + height)[:, None])  # (B, H)
-    in_cols = (cols >= left[:, None]) & (cols < (left + width)[:, None])  # (B, W)
-    return in_rows[:, :, None] & in_cols[:, None, :]
+    in_rows = (rows >= top[..., None]) & (rows < (top + height)[..., None])
+    in_cols = (cols >= left[..., None]) & (cols < (left + width)[..., None])
+    return in_rows, in_cols
 
 
 def _spans(draws: Draws, B: int, size: int, max_side: float, align: int) -> tuple[torch.Tensor, torch.Tensor]:
