@@ -143,7 +143,8 @@ class Trainer:
         else:
             self.optimizer = build_optimizer(self.cfg.optim, self.model.param_groups(), ops)
         dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(setup.precision)
-        self.autocast = torch.autocast(device.type, dtype=dtype) if dtype else contextlib.nullcontext()
+        autocast = dtype and device.type != "meta"  # on meta, step_cost.py emulates autocast
+        self.autocast = torch.autocast(device.type, dtype=dtype) if autocast else contextlib.nullcontext()
         self.scaler = torch.amp.GradScaler(device.type) if setup.precision == "fp16" else None
         S, uint8 = setup.img_size, self.cfg.data.uint8_views
         self.views = [

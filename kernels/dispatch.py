@@ -37,7 +37,7 @@ def select_ops(kernels: str, device: torch.device) -> Ops:
     """Ops for `run.kernels` ("fused" | "reference") on `device`."""
     if kernels == "reference":
         return REFERENCE_OPS
-    if device.type != "cuda":
+    if device.type not in ("cuda", "meta"):  # meta: planning or counting for a GPU (benchmarks/step_cost.py)
         log.warning("run.kernels=fused needs a CUDA device; on %s the plain-PyTorch references run", device.type)
         return REFERENCE_OPS
     return fused_ops()

@@ -1,0 +1,70 @@
+"""benchmarks/step_cost.py counts a step on the meta device: its counts must agree with what is known exactly
+about the step (the bytes an EMA or a fused AdamW must move, the analytic FLOPs of the model)."""
+
+import csv
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "benchmarks"))
+
+from step_cost import multi_tensor_launches  # noqa: E402
+from throughput import Setup, Trainer, step_flops  # noqa: E402
+
+
+def test_multi_tensor_launches_chunk_like_torch():
+    small = [torch.empty(10, device="meta")]
+    assert multi_tensor_launches([small * 110]) == 1
+    assert multi_tensor_launches([small * 111]) == 2
+    assert multi_tensor_launches([small * 65, small * 65]) == 2  # depth 2: 64 tensors a launch
+    assert multi_tensor_launches([[torch.empty(320 * 65536 + 1, device="meta")]]) == 2  # 320 blocks a launch
+
+
+@pytest.fixture(scope="module")
+def rows(tmp_path_factory):
+    out = tmp_path_factory.mktemp("cost") / "cost.csv"
+    args = ["--arch", "vit_demo", "--img-size", "28", "--batch", "8", "--out", str(out)]
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}  # Triton launches are recorded, not run
+    result = subprocess.run(
+        [sys.executable, str(REPO / "benchmarks" / "step_cost.py"), *args], capture_output=True, text=True, env=env
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    with out.open() as f:
+        return {(r["mode"], r["phase"]): r for r in csv.DictReader(f)}
+
+
+@pytest.fixture(scope="module")
+def trainer():
+    return Trainer(Setup("vit_demo", 8, 28, "fp32", "reference", "default", baseline=False), torch.device("cpu"))
+
+
+def test_ema_moves_what_it_must(rows, trainer):
+    pairs = trainer.model.ema_pairs()
+    numel = sum(p.numel() for p, _ in pairs)
+    tables = 2 * 8 * len(pairs) + 20 * numel // 4096  # addresses; the chunk table (cached on the device)
+    assert 3 * 4 * numel <= int(rows["ours", "ema"]["bytes"]) <= 3 * 4 * numel + tables  # read both, write the EMA
+    assert int(rows["ours", "ema"]["launches"]) == 3  # the kernel and its two address tables' copies
+    assert int(rows["baseline", "ema"]["bytes"]) == 7 * 4 * numel  # m*a, b*(1-m), their sum
+    assert int(rows["baseline", "ema"]["launches"]) == 3 * len(pairs)
+
+
+def test_fused_adamw_moves_what_it_must(rows, trainer):
+    params = [p for g in trainer.optimizer.param_groups for p in g["params"]]
+    numel = sum(p.numel() for p in params)
+    # reads parameter, gradient and both moments and writes three of them (fp32); each tensor's fp32 step count is
+    # incremented (read, write) by a foreach add, then read
+    assert int(rows["ours", "optimizer"]["bytes"]) == 7 * 4 * numel + 3 * 4 * len(params)
+    assert int(rows["ours", "step"]["syncs"]) == 0
+    assert int(rows["baseline", "step"]["syncs"]) == 1  # GradScaler reads its overflow flag
+
+
+def test_counted_flops_match_the_analytic_formula(rows, trainer):
+    expected = step_flops(trainer.cfg, batch=8, keys=8)
+    for mode in ("ours", "baseline"):
+        assert int(rows[mode, "step"]["FLOPs"]) == pytest.approx(expected, rel=0.03)
+        assert int(rows[mode, "step"]["launches"]) > int(rows[mode, "forward"]["launches"]) > 0
