@@ -76,6 +76,7 @@ class Setup:
     backend: str = "auto"
     uint8_views: bool = False  # ours only: [B, S, S, 3] uint8 views, normalised inside the patch embedding
     method: str = "mocov3"
+    compile: bool = False  # ours only: model.compile (torch.compile of the encoder blocks)
 
 
 def step_flops(cfg, batch: int, keys: int) -> float:
@@ -131,6 +132,8 @@ class Trainer:
             overrides += [f"data.root={setup.data}", f"data.backend={setup.backend}", "data.num_workers=4"]
         if setup.uint8_views and not setup.baseline:
             overrides.append("data.uint8_views=true")
+        if setup.compile and not setup.baseline:
+            overrides.append("model.compile=true")
         self.cfg = load(None, overrides)
         self.setup, self.device = setup, device
         ops = REFERENCE_OPS if setup.baseline else select_ops(setup.kernels, device)
@@ -256,6 +259,7 @@ def row(trainer: Trainer, times: list[float], peak: float, phase_reps: int) -> d
         "attention": setup.attention,
         "data": str(setup.data) if setup.data else "synthetic",
         "views": "uint8" if trainer.cfg.data.uint8_views else "float",
+        "compiled": trainer.cfg.model.compile,
         "images_per_second": round(setup.batch / median, 1),
         "step_ms": round(median * 1e3, 2),
         "step_ms_min": round(min(times) * 1e3, 2),
@@ -286,6 +290,7 @@ def main(argv=None) -> list[dict]:
     parser.add_argument("--data", type=Path, help="an ImageFolder root with train/ (default: synthetic tensors)")
     parser.add_argument("--backend", choices=["auto", "torch", "dali"], default="auto", help="with --data")
     parser.add_argument("--uint8-views", action="store_true", help="ours takes uint8 NHWC views (data.uint8_views)")
+    parser.add_argument("--compile", action="store_true", help="ours with model.compile=true (compiled blocks)")
     parser.add_argument("--compare", action="store_true", help="ours and the baseline, with their ratio")
     parser.add_argument("--suite", action="store_true", help="SUITE's cases of --method, both modes")
     parser.add_argument("--steps", type=int, default=6)
@@ -315,6 +320,7 @@ def main(argv=None) -> list[dict]:
                     args.backend,
                     args.uint8_views,
                     method,
+                    args.compile,
                 )
             )
         rows += run(setups, device, args.steps, peak)
@@ -346,6 +352,7 @@ def print_summary(rows: list[dict]) -> None:
         "precision",
         "kernels",
         "views",
+        "compiled",
         "images_per_second",
         "step_ms",
         "TFLOP/s",

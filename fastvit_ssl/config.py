@@ -30,6 +30,7 @@ class ModelConfig:
     frozen_patch_embed: bool = True  # MoCo v3's random frozen patch projection ("stop-grad-conv1")
     global_pool: Literal["token", "avg"] = "token"
     grad_checkpointing: bool = False  # recompute ViT block activations in the backward pass to save memory
+    compile: bool = False  # torch.compile every encoder block: LayerNorm, GELU, bias and residual adds fused
     pos_embed: Literal["sincos", "learned"] = "sincos"  # fixed 2-D sin-cos table (MoCo v3) or learned (SiT)
     init: Literal["mocov3", "trunc_normal"] = "mocov3"  # MoCo v3's xavier init, or DeiT's truncated normal (0.02)
     num_heads: int = 0  # 0: the arch's (MoCo v3's ViT-S has 12 heads, DeiT's and SiT's 6)

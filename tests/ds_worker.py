@@ -95,6 +95,12 @@ def experiments(kind: str, tmp: Path) -> dict:
     for stage in [2, 3] if kind == "deepspeed" else [0]:  # two steps: SiT's tiny run turns chaotic after that
         engine, _ = make_engine(kind, "lars", stage, method=SIT)
         results[f"sit-zero{stage}"] = {"losses": train(engine, "lars", range(2)), "weights": full_weights(engine)}
+    for stage in [2, 3] if kind == "deepspeed" else []:  # compiled blocks, to compare with adamw-zero2/3
+        engine, _ = make_engine(kind, "adamw", stage, method=["model.compile=true"])
+        results[f"adamw-zero{stage}-compiled"] = {
+            "losses": train(engine, "adamw"),
+            "graphs": torch._dynamo.utils.counters["stats"]["unique_graphs"],
+        }
     for stage in [0, 2, 3] if kind == "deepspeed" else [0]:  # stage 1 reads its gradients as stage 2 does
         engine, _ = make_engine(kind, "lars", stage)
         results[f"layer-norms-zero{stage}"] = first_step_layer_norms(engine, "lars")

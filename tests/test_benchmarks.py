@@ -2,6 +2,7 @@
 checked: speed belongs in benchmarks/results, not in tests). A broken script would waste a lent GPU's window."""
 
 import csv
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -40,3 +41,16 @@ def test_data_rates_each_backend_and_output(tmp_path):
     outputs = {(r["backend"].split()[0], r["output"]) for r in rows}
     assert {("torch", "float"), ("torch", "uint8")} <= outputs
     assert all(float(r["images_per_second"]) > 0 and r["views"] == "2" for r in rows)
+
+
+def test_gpu_suite_rehearsal_runs_every_part(tmp_path):
+    """The lent-GPU suite at toy sizes on this CPU: it must not fail on its own plumbing when a GPU comes."""
+    env = {**os.environ, "SUITE_REHEARSAL": "1"}
+    result = subprocess.run(
+        ["bash", str(REPO / "benchmarks" / "gpu_suite.sh"), str(tmp_path)], capture_output=True, text=True, env=env
+    )
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-2000:]
+    for name in ("kernel_tests.txt", "kernels.csv", "throughput.csv", "throughput-compiled-0.csv", "data.csv"):
+        assert (tmp_path / name).stat().st_size > 0, name
+    with (tmp_path / "throughput-compiled-0.csv").open() as f:
+        assert [r["compiled"] for r in csv.DictReader(f)] == ["True", "False"]  # ours compiled, the baseline eager

@@ -46,6 +46,13 @@ def test_zero_stages_train_with_finite_decreasing_loss(results, stage):
     assert all(torch.isfinite(torch.tensor(losses))) and losses[-1] < losses[0] - 0.3
 
 
+@pytest.mark.parametrize("stage", [2, 3])
+def test_compiled_blocks_under_zero_train_as_eager(results, stage):
+    compiled, eager = results[0][f"adamw-zero{stage}-compiled"], results[0][f"adamw-zero{stage}"]
+    assert compiled["graphs"] > 0
+    assert compiled["losses"] == pytest.approx(eager["losses"], rel=1e-4, abs=1e-5)
+
+
 @pytest.mark.parametrize("run_name", ["lars-zero2", "lars-zero3"])
 def test_zero_partitioned_lars_matches_the_single_process_reference(results, run_name):
     ours, reference = results[0][run_name]["weights"], results[1]["lars-zero0"]["weights"]

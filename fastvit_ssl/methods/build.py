@@ -7,12 +7,16 @@ from fastvit_ssl.kernels.dispatch import REFERENCE_OPS, Ops
 from fastvit_ssl.methods.base import Method
 from fastvit_ssl.methods.mocov3 import MoCoV3, build_mocov3
 from fastvit_ssl.methods.sit import SiT, build_sit
+from fastvit_ssl.models.vit import compile_blocks
 
 METHODS = {"mocov3": (MoCoV3, build_mocov3), "sit": (SiT, build_sit)}
 
 
 def build_method(cfg: Config, ops: Ops = REFERENCE_OPS) -> Method:
-    return METHODS[cfg.method.name][1](cfg, ops)
+    method = METHODS[cfg.method.name][1](cfg, ops)
+    if cfg.model.compile:  # after the momentum copies exist: they are compiled too
+        compile_blocks(method)
+    return method
 
 
 def method_class(name: str) -> type[Method]:
