@@ -1,6 +1,6 @@
 """Each Triton kernel against its plain-PyTorch reference and, for EMA and LARS, the official MoCo v3 code's
 per-parameter loop: median time (and the 20/80 % quantiles), GB/s for the memory-bound kernels, TFLOP/s for the
-contrastive logits and the patch projection, and peak memory.
+contrastive logits, the patch projection and BEiT's LM head, and peak memory.
 
     python benchmarks/kernels.py                                   # CPU: the reference paths only
     python benchmarks/kernels.py --preset gpu --out benchmarks/results/kernels-h100.csv
@@ -36,10 +36,15 @@ from rows import print_table, write_rows
 
 # Sizes of a realistic step: a ViT's parameter lists (EMA, optimizers) and patch projection, MoCo's logits of
 # 4096 queries x 65536 keys gathered from 16 ranks, a batch of 224^2 images.
+# BEiT-B's LM head: 256 images x 75 masked tokens per GPU, width 768, 8,192 visual tokens.
 PRESETS = {
-    "cpu": dict(arch="vit_small", dtype=torch.float32, loss=(256, 1024, 256), images=(8, 224)),
-    "gpu": dict(arch="vit_base", dtype=torch.bfloat16, loss=(4096, 65536, 256), images=(256, 224)),
-    "gpu-large": dict(arch="vit_large", dtype=torch.bfloat16, loss=(4096, 65536, 256), images=(256, 224)),
+    "cpu": dict(arch="vit_small", dtype=torch.float32, loss=(256, 1024, 256), images=(8, 224), head=(600, 768, 8192)),
+    "gpu": dict(
+        arch="vit_base", dtype=torch.bfloat16, loss=(4096, 65536, 256), images=(256, 224), head=(19200, 768, 8192)
+    ),
+    "gpu-large": dict(
+        arch="vit_large", dtype=torch.bfloat16, loss=(4096, 65536, 256), images=(256, 224), head=(19200, 1024, 8192)
+    ),
 }
 
 
@@ -150,6 +155,28 @@ def patch_embed_cases(B, size, arch, device, dtype, fused: bool):
     return [("patch embed fwd (frozen)", name, lambda fn=fn: fn(*args), shape, traffic, flops) for name, fn in impls]
 
 
+def lm_head_cases(N, D, V, device, dtype, fused: bool):
+    from fastvit_ssl.kernels.linear_ce import linear_cross_entropy, linear_cross_entropy_ref
+
+    x = torch.randn(N, D, device=device, dtype=dtype, requires_grad=True)
+    w = (torch.randn(V, D, device=device, dtype=dtype) * D**-0.5).requires_grad_()
+    b = torch.zeros(V, device=device, dtype=dtype, requires_grad=True)
+    t = torch.randint(0, V, (N,), device=device)
+    impls = [("reference (N x V logits)", linear_cross_entropy_ref)] + (
+        [("fused", linear_cross_entropy)] if fused else []
+    )
+
+    def step(fn):
+        def run():
+            x.grad = w.grad = b.grad = None
+            fn(x, w, b, t).backward()
+
+        return run
+
+    flops = 3 * 2 * N * D * V  # logits, dx, dW
+    return [("LM head fwd+bwd", name, step(fn), f"N={N} D={D} V={V}", 0, flops) for name, fn in impls]
+
+
 def main(argv=None) -> list[dict]:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--preset", choices=sorted(PRESETS), default=None, help="default: gpu on CUDA, else cpu")
@@ -168,6 +195,7 @@ def main(argv=None) -> list[dict]:
         *optimizer_cases(shapes, device, dtype, fused),
         *contrastive_cases(*preset["loss"], device, dtype, fused),
         *patch_embed_cases(*preset["images"], preset["arch"], device, dtype, fused),
+        *lm_head_cases(*preset["head"], device, dtype, fused),
     ]
     meta = {
         "device": runinfo.device_name(device),

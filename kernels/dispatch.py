@@ -12,7 +12,7 @@ import torch
 
 from fastvit_ssl.data.gmml import take_rounds_ref
 from fastvit_ssl.methods.ema import ema_update_ref_
-from fastvit_ssl.methods.losses import contrastive_loss_ref
+from fastvit_ssl.methods.losses import contrastive_loss_ref, linear_cross_entropy_ref
 from fastvit_ssl.optim.lamb import LAMB
 from fastvit_ssl.optim.lars import LARS
 
@@ -27,6 +27,7 @@ class Ops:
     lars: type = LARS
     lamb: type = LAMB
     take_rounds: Callable = take_rounds_ref  # SiT's GMML corruption rounds
+    lm_head_loss: Callable = linear_cross_entropy_ref  # BEiT's masked-token cross-entropy
     fused: bool = False
 
 
@@ -49,6 +50,9 @@ def fused_ops() -> Ops:
     from fastvit_ssl.kernels.ema import ema_update_
     from fastvit_ssl.kernels.gmml import take_rounds
     from fastvit_ssl.kernels.lars_lamb import FusedLAMB, FusedLARS
+    from fastvit_ssl.kernels.linear_ce import linear_cross_entropy
     from fastvit_ssl.kernels.patch_embed import patch_embed
 
-    return Ops(contrastive_loss, ema_update_, patch_embed, FusedLARS, FusedLAMB, take_rounds, fused=True)
+    return Ops(
+        contrastive_loss, ema_update_, patch_embed, FusedLARS, FusedLAMB, take_rounds, linear_cross_entropy, fused=True
+    )

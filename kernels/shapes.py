@@ -5,7 +5,8 @@
 Sizes: ViT-S/B/L/H widths 384/768/1024/1280 with patches of 16 (ViT-H: 14) on 224^2 images, a per-GPU batch of
 256; MoCo v3's contrastive loss at D = 256 (and the demo's 128) with up to 4,096 queries per rank against 65,536
 keys gathered from 16 ranks, plus a ragged size that defeats the 16-divisibility specialisation; SiT's GMML
-rounds on a batch of 256 at 224 px.
+rounds on a batch of 256 at 224 px; BEiT-B's LM head (8,192 visual tokens) on a chunk of its 256 x 75 masked tokens
+(linear_ce.chunk_rows: 1,746 rows at D = 768), and a ragged vocabulary.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ import torch
 
 from fastvit_ssl.data import gmml as gmml_ref
 from fastvit_ssl.data.augment import IMAGENET_MEAN, IMAGENET_STD
-from fastvit_ssl.kernels import contrastive, ema, gmml, lars_lamb, patch_embed
+from fastvit_ssl.kernels import contrastive, ema, gmml, lars_lamb, linear_ce, patch_embed
 
 FLOATS = (torch.float32, torch.bfloat16, torch.float16)
 WIDTHS = {"vit_small": (384, 16), "vit_base": (768, 16), "vit_large": (1024, 16), "vit_huge": (1280, 14)}
@@ -51,6 +52,10 @@ def patch_embed_step(width: int, patch: int, images: str, weights: torch.dtype, 
 def gmml_step(batch: int, side: int) -> None:
     rectangles = [meta(gmml_ref.ROUNDS, batch, dtype=torch.int64) for _ in range(4)]
     gmml.take_rounds(meta(batch, side, side, dtype=torch.bool), *rectangles, meta(batch))
+
+
+def lm_head_step(rows: int, vocab: int, dtype: torch.dtype) -> None:
+    linear_ce.ce_rows_(meta(rows, vocab, dtype=dtype), meta(rows, dtype=torch.int64), -100)
 
 
 def ema_step(ema_dtype: torch.dtype, param_dtype: torch.dtype) -> None:
@@ -95,6 +100,10 @@ CASES = [
     ),
     ("gmml rounds B=256 224px", functools.partial(gmml_step, 256, 224)),
     ("gmml rounds B=7 29px", functools.partial(gmml_step, 7, 29)),
+    *(
+        (f"lm_head {str(dtype)[6:]} rows={rows} V={vocab}", functools.partial(lm_head_step, rows, vocab, dtype))
+        for dtype, rows, vocab in [*((dtype, 1746, 8192) for dtype in FLOATS), (torch.bfloat16, 999, 1000)]
+    ),
     *(
         (f"ema {str(e)[6:]} <- {str(p)[6:]}", functools.partial(ema_step, e, p))
         for e, p in [(d, d) for d in FLOATS] + [(torch.float32, torch.bfloat16), (torch.float32, torch.float16)]

@@ -1,4 +1,5 @@
-"""MoCo v3's contrastive loss in plain PyTorch: the specification the fused kernel is tested against."""
+"""The losses in plain PyTorch, the specifications the fused kernels are tested against: MoCo v3's contrastive loss
+and the cross-entropy of an LM head (BEiT's masked visual tokens)."""
 
 from __future__ import annotations
 
@@ -27,3 +28,17 @@ def contrastive_across_ranks(loss_fn: Callable, q: torch.Tensor, k: torch.Tensor
     """`loss_fn` (this reference or the fused kernel) of this rank's queries against the keys of all ranks."""
     keys = distributed.all_gather_cat(k)  # (N * world, dim)
     return loss_fn(q, keys, temperature, label_offset=q.shape[0] * distributed.rank())
+
+
+def linear_cross_entropy_ref(
+    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, target: torch.Tensor, ignore_index: int = -100
+) -> torch.Tensor:
+    """mean over the rows whose target is not `ignore_index` of CE(x W^T + b, target), in fp32 or wider (0 if no
+    row counts).
+
+    x: [N, D] tokens; weight: [V, D]; bias: [V] or None; target: [N] long (padding rows: ignore_index).
+    """
+    logits = F.linear(x, weight, bias)  # (N, V)
+    logits = logits.to(torch.promote_types(logits.dtype, torch.float32))
+    losses = F.cross_entropy(logits, target, ignore_index=ignore_index, reduction="none")  # 0 where ignored
+    return losses.sum() / (target != ignore_index).sum().clamp_min(1)
