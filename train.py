@@ -192,7 +192,7 @@ def knn_check(cfg: Config, method, eval_data, device, run_dir: Path) -> float:
     """kNN top-1 of the method's backbone; the method's pictures (if any) of the first validation images beside."""
     val = eval_data[1].dataset  # class by class: take 8 spread over the classes
     images = torch.stack([val[i][0] for i in range(0, len(val), max(1, len(val) // 8))][:8])
-    method.pictures(images.to(device), run_dir / "reconstructions.png")
+    method.pictures(images.to(device), run_dir / method.picture_name)
     return evaluate_knn(cfg, method.backbone, eval_data, device)
 
 

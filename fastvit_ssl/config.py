@@ -28,17 +28,21 @@ class ModelConfig:
     arch: Literal[tuple(ARCH_SPECS)] = "vit_base"
     img_size: int = 224
     frozen_patch_embed: bool = True  # MoCo v3's random frozen patch projection ("stop-grad-conv1")
-    global_pool: Literal["token", "avg"] = "token"
+    global_pool: Literal["token", "avg", "avg_normed"] = "token"  # avg_normed: mean of the normed tokens (BEiT)
     grad_checkpointing: bool = False  # recompute ViT block activations in the backward pass to save memory
     compile: bool = False  # torch.compile every encoder block: LayerNorm, GELU, bias and residual adds fused
-    pos_embed: Literal["sincos", "learned"] = "sincos"  # fixed 2-D sin-cos table (MoCo v3) or learned (SiT)
-    init: Literal["mocov3", "trunc_normal"] = "mocov3"  # MoCo v3's xavier init, or DeiT's truncated normal (0.02)
+    pos_embed: Literal["sincos", "learned", "none"] = "sincos"  # fixed 2-D sin-cos (MoCo v3), learned (SiT), none
+    init: Literal["mocov3", "trunc_normal", "beit"] = "mocov3"  # xavier; DeiT's truncated normal (0.02); + BEiT's
     num_heads: int = 0  # 0: the arch's (MoCo v3's ViT-S has 12 heads, DeiT's and SiT's 6)
+    rel_pos_bias: bool = False  # one relative position bias shared by all blocks (BEiT)
+    layer_scale: float = 0.0  # LayerScale's initial value (BEiT: 0.1 for B, 1e-5 for L); 0: none
+    qkv_bias: Literal["all", "qv"] = "all"  # qv: learned biases on q and v only (BEiT)
+    mask_token: bool = False  # a learned [MASK] embedding for masked patches (BEiT)
 
 
 @dataclass
 class MethodConfig:
-    name: Literal["mocov3", "sit"] = "mocov3"  # its settings live in the section of that name (mocov3: moco)
+    name: Literal["mocov3", "sit", "beit"] = "mocov3"  # its settings live in the section of that name (mocov3: moco)
 
 
 @dataclass
@@ -66,6 +70,20 @@ class SitConfig:
     replace_prob: float = 0.5  # per image, the corruption is instead...
     replace_fraction: float = 0.3  # ...this fraction replaced by the same regions of another image of the batch
     drop_path: float = 0.1  # stochastic depth of the student
+
+
+@dataclass
+class BeitConfig:
+    """BEiT (Bao et al. 2021): masked prediction of visual tokens with an LM head, no momentum networks."""
+
+    tokenizer: Literal["trained", "dalle"] = "trained"  # a small dVAE trained on your images, or DALL-E's encoder
+    tokenizer_path: str = ""  # dalle: its converted weights (required); trained: "" trains one into the run folder
+    tokenizer_vocab: int = 1024  # trained: codes of the tokenizer trained for you
+    tokenizer_epochs: int = 10  # trained: its epochs over root/train
+    mask_patches: int = 75  # target masked patches per image (BEiT: 75 of 14 x 14, ~40%)
+    mask_min_patches: int = 16  # smallest block area drawn
+    mask_min_aspect: float = 0.3  # block aspect ratios from this to its inverse
+    drop_path: float = 0.1  # stochastic depth of the encoder
 
 
 @dataclass
@@ -138,6 +156,7 @@ class Config:
     method: MethodConfig = field(default_factory=MethodConfig)
     moco: MocoConfig = field(default_factory=MocoConfig)
     sit: SitConfig = field(default_factory=SitConfig)
+    beit: BeitConfig = field(default_factory=BeitConfig)
     data: DataConfig = field(default_factory=DataConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
@@ -279,7 +298,7 @@ def validate(cfg: Config) -> None:
         if not ok:
             raise ConfigError(message)
     section = method_section(cfg)
-    dim = getattr(cfg, section).dim
+    dim = getattr(getattr(cfg, section), "dim", 0)  # of the contrastive loss (BEiT has none)
     if cfg.run.kernels == "fused" and dim > FUSED_CONTRASTIVE_MAX_DIM:
         raise ConfigError(
             f"{section}.dim={dim}: the fused contrastive kernel takes at most {FUSED_CONTRASTIVE_MAX_DIM} "
@@ -297,6 +316,8 @@ def validate(cfg: Config) -> None:
         )
     if cfg.method.name == "sit":
         validate_sit(cfg)
+    if cfg.method.name == "beit":
+        validate_beit(cfg)
     if cfg.optim.clip_mode == "per_tensor" and cfg.engine.name == "deepspeed":
         raise ConfigError(
             "optim.clip_mode=per_tensor is not available under DeepSpeed, which clips by the global norm inside its "
@@ -322,6 +343,29 @@ def validate_sit(cfg: Config) -> None:
         ),
         (cfg.model.global_pool == "token", "SiT reads the class token: use model.global_pool=token"),
         (not ARCH_SPECS[cfg.model.arch].conv_stem, "SiT reconstructs patches: use an arch without the conv stem"),
+    ]
+    for ok, message in checks:
+        if not ok:
+            raise ConfigError(message)
+
+
+def validate_beit(cfg: Config) -> None:
+    beit, spec = cfg.beit, ARCH_SPECS[cfg.model.arch]
+    patches = (cfg.model.img_size // spec.patch_size) ** 2
+    checks = [
+        (0 < beit.mask_patches < patches, f"beit.mask_patches must lie in 1..{patches - 1} (the patches of an image)"),
+        (0 < beit.mask_min_patches <= beit.mask_patches, "beit.mask_min_patches must lie in 1..beit.mask_patches"),
+        (0 < beit.mask_min_aspect <= 1, "beit.mask_min_aspect must lie in (0, 1] (BEiT uses 0.3)"),
+        (beit.tokenizer_vocab > 1 and beit.tokenizer_epochs > 0, "beit.tokenizer_vocab and _epochs must be positive"),
+        (0 <= beit.drop_path < 1, "beit.drop_path must lie in [0, 1)"),
+        (cfg.model.mask_token, "BEiT replaces masked patches by a learned token: set model.mask_token=true"),
+        (cfg.model.global_pool != "avg", "BEiT's LM head reads normed tokens: model.global_pool=avg_normed or token"),
+        (not spec.conv_stem, "BEiT masks patch embeddings: use an arch without the conv stem"),
+        (
+            beit.tokenizer != "dalle" or beit.tokenizer_path,
+            "beit.tokenizer=dalle needs beit.tokenizer_path=<the DALL-E encoder as safetensors> "
+            "(see fastvit_ssl/tokenizer/dalle.py for the one-time conversion)",
+        ),
     ]
     for ok, message in checks:
         if not ok:

@@ -80,7 +80,7 @@ def chunk_rows(n: int, dim: int, vocab: int) -> int:
 
 class LinearCrossEntropyFn(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, weight, bias, target, ignore_index):
+    def forward(ctx, x, weight, bias, target, ignore_index, reduction):
         dtype = _compute_dtype(x, weight)
         x_, w_ = x.to(dtype), weight.to(dtype)
         b_ = bias.to(dtype) if bias is not None else None
@@ -97,7 +97,7 @@ class LinearCrossEntropyFn(torch.autograd.Function):
             dx[start : start + step] = logits @ w_
             dw += (logits.t() @ xc).float()
             db += logits.sum(0, dtype=torch.float32)
-        count = (target != ignore_index).sum().clamp_min(1).float()
+        count = (target != ignore_index).sum().clamp_min(1).float() if reduction == "mean" else dw.new_ones(())
         ctx.save_for_backward(dx, dw, db, count)
         ctx.dtypes = (x.dtype, weight.dtype, None if bias is None else bias.dtype)
         return torch.cat(loss_rows).sum() / count
@@ -108,11 +108,16 @@ class LinearCrossEntropyFn(torch.autograd.Function):
         scale = dloss / count
         x_dtype, w_dtype, b_dtype = ctx.dtypes
         grad_b = (db * scale).to(b_dtype) if b_dtype is not None else None
-        return (dx * scale).to(x_dtype), (dw * scale).to(w_dtype), grad_b, None, None
+        return (dx * scale).to(x_dtype), (dw * scale).to(w_dtype), grad_b, None, None, None
 
 
 def linear_cross_entropy(
-    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, target: torch.Tensor, ignore_index: int = -100
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    target: torch.Tensor,
+    ignore_index: int = -100,
+    reduction: str = "mean",
 ) -> torch.Tensor:
     """Same value and gradients as linear_cross_entropy_ref (x [N, D], weight [V, D], bias [V], target [N] long),
     in O(N D + V D) memory instead of O(N V)."""
@@ -121,7 +126,9 @@ def linear_cross_entropy(
             f"linear_cross_entropy: x {tuple(x.shape)}, weight {tuple(weight.shape)}, target {tuple(target.shape)}: "
             "expected [N, D], [V, D], [N]"
         )
-    return LinearCrossEntropyFn.apply(x, weight, bias, target, int(ignore_index))
+    if reduction not in ("mean", "sum"):
+        raise ValueError(f"linear_cross_entropy: reduction={reduction!r}, expected 'mean' or 'sum'")
+    return LinearCrossEntropyFn.apply(x, weight, bias, target, int(ignore_index), reduction)
 
 
 __all__ = ["linear_cross_entropy", "linear_cross_entropy_ref"]

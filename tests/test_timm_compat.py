@@ -10,7 +10,7 @@ from fastvit_ssl.models.vit import VisionTransformer
 timm = pytest.importorskip("timm")
 
 
-@pytest.mark.parametrize("arch, pool", [("vit_small", "token"), ("vit_demo", "avg")])
+@pytest.mark.parametrize("arch, pool", [("vit_small", "token"), ("vit_demo", "avg"), ("vit_demo", "avg_normed")])
 def test_timm_builds_and_loads_the_export_strictly_with_the_same_features(arch, pool):
     torch.manual_seed(0)
     size = 28 if arch == "vit_demo" else 32

@@ -49,7 +49,8 @@ def timm_spec(encoder: VisionTransformer) -> dict:
         "mlp_ratio": 4.0,
         "qkv_bias": True,
         "class_token": True,
-        "global_pool": encoder.global_pool,
+        "global_pool": "avg" if encoder.global_pool == "avg_normed" else encoder.global_pool,
+        "fc_norm": encoder.global_pool == "avg",
         "num_classes": 0,
     }
     return {"timm_model": TIMM_NAMES.get(encoder.arch, "vit_base_patch16_224"), "timm_kwargs": kwargs}

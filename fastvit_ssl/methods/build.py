@@ -5,11 +5,12 @@ from __future__ import annotations
 from fastvit_ssl.config import Config
 from fastvit_ssl.kernels.dispatch import REFERENCE_OPS, Ops
 from fastvit_ssl.methods.base import Method
+from fastvit_ssl.methods.beit import BEiT, build_beit
 from fastvit_ssl.methods.mocov3 import MoCoV3, build_mocov3
 from fastvit_ssl.methods.sit import SiT, build_sit
 from fastvit_ssl.models.vit import compile_blocks
 
-METHODS = {"mocov3": (MoCoV3, build_mocov3), "sit": (SiT, build_sit)}
+METHODS = {"mocov3": (MoCoV3, build_mocov3), "sit": (SiT, build_sit), "beit": (BEiT, build_beit)}
 
 
 def build_method(cfg: Config, ops: Ops = REFERENCE_OPS) -> Method:

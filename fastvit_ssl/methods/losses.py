@@ -31,14 +31,21 @@ def contrastive_across_ranks(loss_fn: Callable, q: torch.Tensor, k: torch.Tensor
 
 
 def linear_cross_entropy_ref(
-    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, target: torch.Tensor, ignore_index: int = -100
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    target: torch.Tensor,
+    ignore_index: int = -100,
+    reduction: str = "mean",
 ) -> torch.Tensor:
-    """mean over the rows whose target is not `ignore_index` of CE(x W^T + b, target), in fp32 or wider (0 if no
-    row counts).
+    """The mean (or with reduction="sum" the sum) over the rows whose target is not `ignore_index` of
+    CE(x W^T + b, target), in fp32 or wider (a mean of no rows is 0).
 
     x: [N, D] tokens; weight: [V, D]; bias: [V] or None; target: [N] long (padding rows: ignore_index).
     """
     logits = F.linear(x, weight, bias)  # (N, V)
     logits = logits.to(torch.promote_types(logits.dtype, torch.float32))
     losses = F.cross_entropy(logits, target, ignore_index=ignore_index, reduction="none")  # 0 where ignored
+    if reduction == "sum":
+        return losses.sum()
     return losses.sum() / (target != ignore_index).sum().clamp_min(1)

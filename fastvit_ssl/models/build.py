@@ -18,5 +18,9 @@ def build_encoder(cfg: Config, ops: Ops = REFERENCE_OPS, **overrides) -> VisionT
         "pos_embed": cfg.model.pos_embed,
         "init": cfg.model.init,
         "num_heads": cfg.model.num_heads,
+        "rel_pos_bias": cfg.model.rel_pos_bias,
+        "layer_scale": cfg.model.layer_scale,
+        "qkv_bias": cfg.model.qkv_bias,
+        "mask_token": cfg.model.mask_token,
     }
     return VisionTransformer(cfg.model.arch, cfg.model.img_size, **(kwargs | overrides))

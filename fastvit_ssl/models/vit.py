@@ -1,6 +1,8 @@
 """Vision Transformer as MoCo v3 trains it: fixed 2-D sin-cos position embedding, MoCo v3 initialisation,
-optional random frozen patch projection, optional convolutional stem. Parameter names follow timm's
-`VisionTransformer` so that exported weights load there unchanged."""
+optional random frozen patch projection, optional convolutional stem; with SiT's and BEiT's options (learned or no
+absolute positions, DeiT/BEiT initialisation, a relative position bias shared by all blocks, LayerScale, q and v
+biases only, a [MASK] token). Parameter names follow timm's `VisionTransformer` so that exported weights load there
+unchanged."""
 
 from __future__ import annotations
 
@@ -106,21 +108,63 @@ class ConvStem(nn.Module):
         return self.proj(x).flatten(2).transpose(1, 2)
 
 
+class RelativePositionBias(nn.Module):
+    """BEiT's relative position bias, [1, heads, T, T] added to the attention logits: one learned value per head
+    for each (row, column) offset between two patches, and three more for class token -> patch, patch -> class
+    token and class token -> itself. Zero at the start."""
+
+    def __init__(self, grid: int, num_heads: int):
+        super().__init__()
+        offsets = (2 * grid - 1) ** 2
+        self.relative_position_bias_table = nn.Parameter(torch.zeros(offsets + 3, num_heads))
+        rows, cols = torch.meshgrid(torch.arange(grid), torch.arange(grid), indexing="ij")
+        rows, cols = rows.flatten(), cols.flatten()  # (L,) each
+        pairs = (rows[:, None] - rows[None, :] + grid - 1) * (2 * grid - 1) + (cols[:, None] - cols[None, :] + grid - 1)
+        index = torch.empty(grid * grid + 1, grid * grid + 1, dtype=torch.long)  # (T, T)
+        index[1:, 1:] = pairs
+        index[0, :], index[:, 0], index[0, 0] = offsets, offsets + 1, offsets + 2
+        self.register_buffer("relative_position_index", index, persistent=False)
+
+    def forward(self) -> torch.Tensor:
+        return self.relative_position_bias_table[self.relative_position_index].permute(2, 0, 1).unsqueeze(0)
+
+
 class Attention(nn.Module):
-    def __init__(self, dim: int, num_heads: int):
+    """Multi-head self-attention (SDPA). qkv_bias: "all" (a bias on q, k and v) or "qv" (BEiT: learned biases on q
+    and v only, k's is zero). `bias` in forward: an additive [1, heads, T, T] logit bias."""
+
+    def __init__(self, dim: int, num_heads: int, qkv_bias: str = "all"):
         super().__init__()
         if dim % num_heads:
             raise ValueError(f"embed_dim {dim} must be divisible by num_heads {num_heads}")
         self.num_heads = num_heads
-        self.qkv = nn.Linear(dim, dim * 3)
+        self.qkv = nn.Linear(dim, dim * 3, bias=qkv_bias == "all")
+        if qkv_bias == "qv":
+            self.q_bias, self.v_bias = nn.Parameter(torch.zeros(dim)), nn.Parameter(torch.zeros(dim))
         self.proj = nn.Linear(dim, dim)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
         B, T, C = x.shape
-        qkv = self.qkv(x).reshape(B, T, 3, self.num_heads, C // self.num_heads).permute(2, 0, 3, 1, 4)
+        if self.qkv.bias is None:
+            qkv_bias = torch.cat([self.q_bias, torch.zeros_like(self.v_bias), self.v_bias])
+            qkv = F.linear(x, self.qkv.weight, qkv_bias)
+        else:
+            qkv = self.qkv(x)
+        qkv = qkv.reshape(B, T, 3, self.num_heads, C // self.num_heads).permute(2, 0, 3, 1, 4)
         q, k, v = qkv.unbind(0)  # each (B, heads, T, head_dim)
-        x = F.scaled_dot_product_attention(q, k, v)
+        x = F.scaled_dot_product_attention(q, k, v, attn_mask=None if bias is None else bias.to(q.dtype))
         return self.proj(x.transpose(1, 2).reshape(B, T, C))
+
+
+class LayerScale(nn.Module):
+    """Per-channel scale of a residual branch (CaiT; BEiT's gamma), initialised to a small constant."""
+
+    def __init__(self, dim: int, init: float):
+        super().__init__()
+        self.gamma = nn.Parameter(torch.full((dim,), init))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x * self.gamma
 
 
 class Mlp(nn.Module):
@@ -148,17 +192,27 @@ def normalize_uint8(images: torch.Tensor) -> torch.Tensor:
 
 
 class Block(nn.Module):
-    def __init__(self, dim: int, num_heads: int, mlp_ratio: float = 4.0, drop_path_rate: float = 0.0):
+    def __init__(
+        self,
+        dim: int,
+        num_heads: int,
+        mlp_ratio: float = 4.0,
+        drop_path_rate: float = 0.0,
+        qkv_bias: str = "all",
+        layer_scale: float = 0.0,
+    ):
         super().__init__()
         self.norm1 = nn.LayerNorm(dim, eps=1e-6)
-        self.attn = Attention(dim, num_heads)
+        self.attn = Attention(dim, num_heads, qkv_bias)
+        self.ls1 = LayerScale(dim, layer_scale) if layer_scale else nn.Identity()
         self.norm2 = nn.LayerNorm(dim, eps=1e-6)
         self.mlp = Mlp(dim, int(dim * mlp_ratio))
-        self.drop_path_rate = drop_path_rate  # fine-tuning only; MoCo v3 pre-trains without
+        self.ls2 = LayerScale(dim, layer_scale) if layer_scale else nn.Identity()
+        self.drop_path_rate = drop_path_rate  # fine-tuning (and SiT, BEiT); MoCo v3 pre-trains without
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = x + drop_path(self.attn(self.norm1(x)), self.drop_path_rate, self.training)
-        return x + drop_path(self.mlp(self.norm2(x)), self.drop_path_rate, self.training)
+    def forward(self, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+        x = x + drop_path(self.ls1(self.attn(self.norm1(x), bias)), self.drop_path_rate, self.training)
+        return x + drop_path(self.ls2(self.mlp(self.norm2(x))), self.drop_path_rate, self.training)
 
 
 def compile_blocks(model: nn.Module) -> None:
@@ -177,16 +231,26 @@ class VisionTransformer(nn.Module):
         arch: a key of ARCH_SPECS (vit_small, vit_base, ...).
         img_size: square input resolution; a multiple of the arch's patch size.
         frozen_patch_embed: freeze the randomly initialised patch projection (MoCo v3's stability fix).
-        global_pool: "token" returns the class token, "avg" the mean of the patch tokens (timm's fc_norm layout).
+        global_pool: "token" returns the class token, "avg" the mean of the patch tokens (timm's fc_norm layout),
+            "avg_normed" the mean of the final-normed patch tokens (timm: avg with fc_norm=False; BEiT
+            pre-training, whose LM head reads every normed token).
         in_chans: input channels.
         patch_embed_fn: a fused replacement of projection + class token + position embedding with
             fastvit_ssl.kernels.patch_embed's signature, or None for the modules' own computation.
         grad_checkpointing: recompute each block's activations in the backward pass (less memory, ~30% more time).
         drop_path_rate: stochastic depth of the last block (linearly less before it), for fine-tuning.
-        pos_embed: "sincos" (fixed 2-D table, MoCo v3) or "learned" (truncated normal 0.02, DeiT and SiT).
-        init: "mocov3" (xavier, q/k/v as three matrices) or "trunc_normal" (DeiT/SiT: every Linear N(0, 0.02)
-            truncated at +-2, class token too; the patch convolution keeps PyTorch's default).
+        pos_embed: "sincos" (fixed 2-D table, MoCo v3), "learned" (truncated normal 0.02, DeiT and SiT) or "none"
+            (BEiT, whose positions come from the relative position bias; the table stays, zero and frozen).
+        init: "mocov3" (xavier, q/k/v as three matrices), "trunc_normal" (DeiT/SiT: every Linear N(0, 0.02)
+            truncated at +-2, class token too; the patch convolution keeps PyTorch's default) or "beit" (the same,
+            then block l's attn.proj and mlp.fc2 weights divided by sqrt(2 l)).
         num_heads: attention heads; 0 takes the arch's.
+        rel_pos_bias: one relative position bias shared by all blocks (BEiT pre-training).
+        layer_scale: LayerScale's initial value on both residual branches (BEiT: 0.1 for ViT-B, 1e-5 for ViT-L); 0
+            for none.
+        qkv_bias: "all" or "qv" (BEiT).
+        mask_token: a learned [MASK] embedding that replaces the patch embeddings `forward_tokens(mask=...)` names
+            (BEiT), before the positions are added.
     """
 
     def __init__(
@@ -202,6 +266,10 @@ class VisionTransformer(nn.Module):
         pos_embed: str = "sincos",
         init: str = "mocov3",
         num_heads: int = 0,
+        rel_pos_bias: bool = False,
+        layer_scale: float = 0.0,
+        qkv_bias: str = "all",
+        mask_token: bool = False,
     ):
         super().__init__()
         spec = ARCH_SPECS[arch]
@@ -215,16 +283,20 @@ class VisionTransformer(nn.Module):
         table = sincos_pos_embed(grid, spec.embed_dim)  # (1, 1 + L, D)
         self.pos_embed = nn.Parameter(table if pos_embed == "sincos" else torch.zeros_like(table))
         self.pos_embed.requires_grad_(pos_embed == "learned")
+        self.mask_token = nn.Parameter(torch.zeros(1, 1, spec.embed_dim)) if mask_token else None
         rates = [drop_path_rate * i / max(spec.depth - 1, 1) for i in range(spec.depth)]  # deeper: dropped more
         heads = num_heads or spec.num_heads
-        self.blocks = nn.Sequential(*[Block(spec.embed_dim, heads, drop_path_rate=r) for r in rates])
+        self.rel_pos_bias = RelativePositionBias(grid, heads) if rel_pos_bias else None
+        self.blocks = nn.Sequential(
+            *[Block(spec.embed_dim, heads, drop_path_rate=r, qkv_bias=qkv_bias, layer_scale=layer_scale) for r in rates]
+        )
         pooled_norm = nn.LayerNorm(spec.embed_dim, eps=1e-6)
-        self.norm = pooled_norm if global_pool == "token" else nn.Identity()
+        self.norm = pooled_norm if global_pool in ("token", "avg_normed") else nn.Identity()
         self.fc_norm = pooled_norm if global_pool == "avg" else nn.Identity()
         self.grad_checkpointing = grad_checkpointing
         self.patch_embed_fn = patch_embed_fn if isinstance(self.patch_embed, PatchEmbed) else None
-        if init == "trunc_normal":
-            self._init_trunc_normal()
+        if init in ("trunc_normal", "beit"):
+            self._init_trunc_normal(rescale_depth=init == "beit")
         else:
             self._init_weights()
         if pos_embed == "learned":
@@ -233,12 +305,20 @@ class VisionTransformer(nn.Module):
             freeze = frozen_patch_embed and not spec.conv_stem
             self.patch_embed.proj.requires_grad_(not freeze)
 
-    def _init_trunc_normal(self) -> None:
+    def _init_trunc_normal(self, rescale_depth: bool = False) -> None:
         for module in self.modules():
             if isinstance(module, nn.Linear):
                 nn.init.trunc_normal_(module.weight, std=0.02, a=-2.0, b=2.0)
-                nn.init.zeros_(module.bias)
+                if module.bias is not None:
+                    nn.init.zeros_(module.bias)
         nn.init.trunc_normal_(self.cls_token, std=0.02, a=-2.0, b=2.0)
+        if self.mask_token is not None:
+            nn.init.trunc_normal_(self.mask_token, std=0.02, a=-2.0, b=2.0)
+        if rescale_depth:  # BEiT: the residual branches' output projections shrink with depth
+            with torch.no_grad():
+                for layer, block in enumerate(self.blocks, start=1):
+                    block.attn.proj.weight.div_(math.sqrt(2.0 * layer))
+                    block.mlp.fc2.weight.div_(math.sqrt(2.0 * layer))
 
     def _init_weights(self) -> None:
         for name, module in self.named_modules():
@@ -285,19 +365,25 @@ class VisionTransformer(nn.Module):
         x = torch.cat([self.cls_token.expand(x.shape[0], -1, -1), x], dim=1)
         return x + self.pos_embed
 
-    def forward_tokens(self, images: torch.Tensor) -> torch.Tensor:
+    def forward_tokens(self, images: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
         """images (as embed_tokens takes them) -> [B, 1 + L, D] after all blocks (and the final norm for token
-        pooling)."""
+        pooling). mask: [B, L] bool, the patches whose embedding the [MASK] token replaces."""
         x = self.embed_tokens(images)
+        if mask is not None:
+            if self.mask_token is None:
+                raise ValueError("forward_tokens: a mask needs a model built with mask_token=True")
+            masked = self.mask_token.to(x.dtype) + self.pos_embed[:, 1:].to(x.dtype)  # (1, L, D)
+            x = torch.cat([x[:, :1], torch.where(mask[..., None], masked, x[:, 1:])], dim=1)
+        bias = self.rel_pos_bias() if self.rel_pos_bias is not None else None  # (1, heads, T, T)
         for block in self.blocks:
             if self.grad_checkpointing and torch.is_grad_enabled():  # keep block inputs only; recompute in backward
-                x = torch.utils.checkpoint.checkpoint(block, x, use_reentrant=False)
+                x = torch.utils.checkpoint.checkpoint(block, x, bias, use_reentrant=False)
             else:
-                x = block(x)
+                x = block(x, bias)
         return self.norm(x)
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         x = self.forward_tokens(images)
-        if self.global_pool == "avg":
+        if self.global_pool in ("avg", "avg_normed"):
             return self.fc_norm(x[:, 1:].mean(dim=1))  # (B, D)
         return x[:, 0]  # (B, D)

@@ -57,6 +57,14 @@ def test_several_chunks_and_no_bias_agree(device, monkeypatch):
         torch.testing.assert_close(a, e, rtol=1e-5, atol=1e-6)
 
 
+def test_sum_reduction_matches(device):
+    x, w, b, t = problem(30, 16, 200, torch.float32, seed=9, device=device)
+    ours = loss_and_grads(lambda *a: linear_cross_entropy(*a, reduction="sum"), x, w, b, t)
+    ref = loss_and_grads(lambda *a: linear_cross_entropy_ref(*a, reduction="sum"), x, w, b, t)
+    for a, e in zip(ours, ref):
+        torch.testing.assert_close(a, e, rtol=1e-5, atol=1e-5)
+
+
 def test_ignored_rows_give_no_loss_and_no_gradient(device):
     x, w, b, t = problem(20, 16, 100, torch.float32, seed=7, ignored=0.0, device=device)
     t[::2] = -100

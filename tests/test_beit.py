@@ -1,0 +1,179 @@
+"""BEiT: the ViT's BEiT options against plain re-derivations of their formulas, the tokenizers' interface, the
+method end to end (training, pictures, exact resume, wrong settings)."""
+
+import math
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import train
+from fastvit_ssl.config import ConfigError, load
+from fastvit_ssl.methods.beit import IGNORE
+from fastvit_ssl.methods.build import build_method
+from fastvit_ssl.models.vit import Attention, Block, RelativePositionBias, VisionTransformer
+from fastvit_ssl.monitor import read_metrics
+from fastvit_ssl.tokenizer.dalle import DalleEncoder, DalleTokenizer
+from fastvit_ssl.tokenizer.dvae import PatchVQ, PatchVQConfig
+
+BEIT_VIT = dict(pos_embed="none", init="beit", rel_pos_bias=True, layer_scale=0.1, qkv_bias="qv", mask_token=True)
+BEIT = [
+    "method.name=beit",
+    "model.pos_embed=none",
+    "model.init=beit",
+    "model.rel_pos_bias=true",
+    "model.layer_scale=0.1",
+    "model.qkv_bias=qv",
+    "model.mask_token=true",
+    "model.frozen_patch_embed=false",
+    "model.global_pool=avg_normed",
+    "beit.mask_patches=2",
+    "beit.mask_min_patches=1",
+    "beit.tokenizer_vocab=16",
+    "beit.tokenizer_epochs=1",
+]
+
+
+def test_relative_position_bias_is_the_table_at_each_pair_offset():
+    grid, heads = 3, 2
+    rpb = RelativePositionBias(grid, heads)
+    torch.nn.init.normal_(rpb.relative_position_bias_table)
+    table, bias = rpb.relative_position_bias_table, rpb()[0]  # (offsets + 3, heads), (heads, T, T)
+    offsets = (2 * grid - 1) ** 2
+    for i in range(grid * grid):
+        for j in range(grid * grid):
+            (ri, ci), (rj, cj) = divmod(i, grid), divmod(j, grid)
+            row = (ri - rj + grid - 1) * (2 * grid - 1) + (ci - cj + grid - 1)
+            assert torch.equal(bias[:, 1 + i, 1 + j], table[row])
+    assert torch.equal(bias[:, 0, 1:], table[offsets][:, None].expand(-1, grid * grid))  # class token -> patches
+    assert torch.equal(bias[:, 1:, 0], table[offsets + 1][:, None].expand(-1, grid * grid))  # patches -> class
+    assert torch.equal(bias[:, 0, 0], table[offsets + 2])
+
+
+def test_attention_with_qv_biases_and_a_logit_bias_is_the_formula():
+    torch.manual_seed(0)
+    attn = Attention(8, 2, qkv_bias="qv")
+    torch.nn.init.normal_(attn.q_bias)
+    torch.nn.init.normal_(attn.v_bias)
+    x, bias = torch.randn(3, 5, 8, dtype=torch.float64), torch.randn(1, 2, 5, 5, dtype=torch.float64)
+    attn.double()
+    w = attn.qkv.weight
+    q, k, v = x @ w[:8].T + attn.q_bias, x @ w[8:16].T, x @ w[16:].T + attn.v_bias  # k has no bias
+    heads = [t.view(3, 5, 2, 4).transpose(1, 2) for t in (q, k, v)]  # (B, heads, T, 4)
+    weights = torch.softmax(heads[0] @ heads[1].transpose(-1, -2) / math.sqrt(4) + bias, dim=-1)
+    expected = attn.proj((weights @ heads[2]).transpose(1, 2).reshape(3, 5, 8))
+    torch.testing.assert_close(attn(x, bias), expected)
+
+
+def test_layer_scale_scales_both_residual_branches():
+    torch.manual_seed(0)
+    block = Block(8, 2, layer_scale=0.1).double()
+    x = torch.randn(2, 5, 8, dtype=torch.float64)
+    h = x + 0.1 * block.attn(block.norm1(x))
+    torch.testing.assert_close(block(x), h + 0.1 * block.mlp(block.norm2(h)))
+    assert torch.equal(block.ls1.gamma, torch.full((8,), 0.1))
+
+
+def test_mask_token_replaces_masked_patch_embeddings():
+    torch.manual_seed(0)
+    vit = VisionTransformer("vit_demo", 28, frozen_patch_embed=False, **BEIT_VIT)
+    seen = {}
+    vit.blocks[0].register_forward_pre_hook(lambda m, args: seen.setdefault("x", args[0]))
+    images, mask = torch.randn(2, 3, 28, 28), torch.rand(2, 16) < 0.4
+    vit.forward_tokens(images, mask)
+    x, plain = seen["x"], vit.embed_tokens(images)
+    assert torch.equal(x[:, 1:][mask], vit.mask_token[0].expand(int(mask.sum()), -1))
+    assert torch.equal(x[:, 1:][~mask], plain[:, 1:][~mask]) and torch.equal(x[:, 0], plain[:, 0])
+
+
+def test_beit_init_shrinks_residual_outputs_with_depth():
+    torch.manual_seed(0)
+    vit = VisionTransformer("vit_small", 224, **BEIT_VIT)
+    for layer in (1, 12):  # N(0, 0.02) (truncated at +-2, i.e. +-100 std: no change), then / sqrt(2 layer)
+        block = vit.blocks[layer - 1]
+        assert block.attn.proj.weight.std().item() == pytest.approx(0.02 / math.sqrt(2 * layer), rel=0.02)
+        assert block.mlp.fc2.weight.std().item() == pytest.approx(0.02 / math.sqrt(2 * layer), rel=0.02)
+        assert block.mlp.fc1.weight.std().item() == pytest.approx(0.02, rel=0.02)
+    assert not vit.pos_embed.requires_grad and vit.pos_embed.abs().sum() == 0
+
+
+def test_trained_tokenizer_interface(tmp_path):
+    tokenizer = PatchVQ(PatchVQConfig(image_size=28, patch=7, vocab=32))
+    images = torch.randn(3, 3, 28, 28, requires_grad=True)
+    tokens = tokenizer.tokenize(images)
+    assert tokens.shape == (3, 16) and tokens.dtype == torch.long and not tokens.requires_grad
+    assert tokens.min() >= 0 and tokens.max() < 32
+    assert tokenizer.decode(tokens).shape == (3, 3, 28, 28)
+    tokenizer.save(tmp_path / "t.safetensors")
+    assert torch.equal(PatchVQ.load(tmp_path / "t.safetensors").tokenize(images), tokens)
+
+
+def test_dalle_tokenizer_loads_a_weights_file_with_the_released_names(tmp_path):
+    from safetensors.torch import save_file
+
+    encoder = DalleEncoder(hidden=16, vocab_size=64)  # the released one: hidden 256, 8,192 tokens
+    names = set(encoder.state_dict())
+    released = {"blocks.input.w", "blocks.group_1.block_1.res_path.conv_1.w", "blocks.group_2.block_1.id_path.w"}
+    assert released | {"blocks.group_4.block_2.res_path.conv_4.b", "blocks.output.conv.w"} <= names
+    save_file({k: v.contiguous() for k, v in encoder.state_dict().items()}, str(tmp_path / "dalle.safetensors"))
+    tokenizer = DalleTokenizer(tmp_path / "dalle.safetensors", grid=2)
+    assert tokenizer.image_size == 16 and tokenizer.vocab_size == 64
+    pixels = tokenizer.inputs(torch.randn(2, 3, 28, 28))
+    assert pixels.shape == (2, 3, 16, 16) and pixels.min() >= 0.1 and pixels.max() <= 0.9  # DALL-E's mapping
+    tokens = tokenizer.tokenize(torch.randn(2, 3, 28, 28))
+    assert tokens.shape == (2, 4) and tokens.max() < 64
+    with pytest.raises(FileNotFoundError, match="encoder.pkl"):
+        DalleTokenizer(tmp_path / "missing.safetensors")
+
+
+def test_beit_trains_writes_its_pictures_and_resumes_exactly(tiny_overrides):
+    full = train.main([*tiny_overrides, *BEIT, "run.name=beit-full"])
+    run_dir = Path(full["run_dir"])
+    assert full["steps"] == 6 and 0 <= full["knn_top1_pretrained"] <= 100
+    assert (run_dir / "tokenizer.safetensors").is_file() and (run_dir / "masked_predictions.png").stat().st_size > 1000
+    losses = {r["step"]: r["loss"] for r in read_metrics(run_dir / "metrics.jsonl") if "loss" in r}
+    assert all(0 < v < 2 * math.log(16) for v in losses.values())  # cross-entropy over 16 tokens
+    cut = [*tiny_overrides, *BEIT, "run.name=beit-cut", "eval.knn_every_epochs=0"]
+    cut.append(f"beit.tokenizer_path={run_dir / 'tokenizer.safetensors'}")
+    assert train.main([*cut, "run.stop_at_step=4"])["steps"] == 4
+    resumed = train.main(cut)
+    metrics = read_metrics(Path(resumed["run_dir"]) / "metrics.jsonl")
+    assert {r["step"]: r["loss"] for r in metrics if "loss" in r} == losses  # bit for bit, masks included
+
+
+def test_prepare_masks_targets_and_padding():
+    cfg = load(
+        None, [*BEIT, "model.arch=vit_demo", "model.img_size=28", "beit.mask_patches=6", "beit.mask_min_patches=2"]
+    )
+    method = BEiT_with_random_tokenizer(cfg).eval()  # no drop path: two forwards agree
+    views = [torch.randn(5, 3, 28, 28)]
+    batch = method.prepare(views, step=3)
+    assert batch["mask"].shape == (5, 16) and batch["positions"].shape == batch["targets"].shape == (5, 6)
+    counted = batch["targets"] != IGNORE
+    assert torch.equal(counted.sum(1), batch["mask"].sum(1))  # one target per masked patch, the rest padding
+    assert torch.equal(method.prepare(views, step=3)["mask"], batch["mask"])
+    assert not torch.equal(method.prepare(views, step=4)["mask"], batch["mask"])
+    loss = method.losses(method.online(*method.online_inputs(batch)), batch["targets"], batch)["loss"]
+    hidden = method.online.hidden(batch["images"], batch["mask"], batch["positions"])[counted]
+    head = method.online.lm_head
+    torch.testing.assert_close(
+        loss, F.cross_entropy(F.linear(hidden, head.weight, head.bias), batch["targets"][counted])
+    )
+
+
+def BEiT_with_random_tokenizer(cfg):
+    from unittest import mock
+
+    tokenizer = PatchVQ(PatchVQConfig(image_size=28, patch=7, vocab=16))
+    with mock.patch("fastvit_ssl.methods.beit.build_tokenizer", lambda cfg: tokenizer):
+        return build_method(cfg)
+
+
+def test_wrong_beit_settings_are_refused():
+    with pytest.raises(ConfigError, match="model.mask_token=true"):
+        load(None, ["method.name=beit"])
+    with pytest.raises(ConfigError, match="beit.tokenizer_path"):
+        load(None, [*BEIT, "beit.tokenizer=dalle", "beit.mask_patches=75", "beit.mask_min_patches=16"])
+    with pytest.raises(ConfigError, match="beit.mask_patches must lie in 1..15"):
+        load(None, [*BEIT, "model.arch=vit_demo", "model.img_size=28", "beit.mask_patches=20"])
