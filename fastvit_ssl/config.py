@@ -34,7 +34,7 @@ class ModelConfig:
     pos_embed: Literal["sincos", "learned", "none"] = "sincos"  # fixed 2-D sin-cos (MoCo v3), learned (SiT), none
     init: Literal["mocov3", "trunc_normal", "beit"] = "mocov3"  # xavier; DeiT's truncated normal (0.02); + BEiT's
     num_heads: int = 0  # 0: the arch's (MoCo v3's ViT-S has 12 heads, DeiT's and SiT's 6)
-    rel_pos_bias: bool = False  # one relative position bias shared by all blocks (BEiT)
+    rel_pos_bias: Literal["none", "shared", "per_block"] = "none"  # BEiT: shared (pre-training), per_block
     layer_scale: float = 0.0  # LayerScale's initial value (BEiT: 0.1 for B, 1e-5 for L); 0: none
     qkv_bias: Literal["all", "qv"] = "all"  # qv: learned biases on q and v only (BEiT)
     mask_token: bool = False  # a learned [MASK] embedding for masked patches (BEiT)

@@ -32,6 +32,33 @@ BASE = [
 ]
 # SiT without its two per-rank random parts (drop path, the replacement's partner), so ranks can equal one process
 SIT = ["method.name=sit", "sit.dim=16", "sit.mlp_dim=32", "sit.drop_path=0", "sit.replace_prob=0"]
+# BEiT without drop path (per rank), on a fixed random tokenizer (tokenizer_path added by beit_tokenizer)
+BEIT = [
+    "method.name=beit",
+    "model.pos_embed=none",
+    "model.init=beit",
+    "model.rel_pos_bias=shared",
+    "model.layer_scale=0.1",
+    "model.qkv_bias=qv",
+    "model.mask_token=true",
+    "beit.mask_patches=2",
+    "beit.mask_min_patches=1",
+    "beit.drop_path=0",
+]
+
+
+def beit_tokenizer(folder: Path) -> str:
+    """A seeded random tokenizer for the 14 px views (2 x 2 tokens of 16), written by rank 0."""
+    from fastvit_ssl.tokenizer.dvae import PatchVQ, PatchVQConfig
+
+    path = folder / "tokenizer.safetensors"
+    if distributed.is_main():
+        folder.mkdir(parents=True, exist_ok=True)
+        with torch.random.fork_rng():
+            torch.manual_seed(7)
+            PatchVQ(PatchVQConfig(image_size=14, patch=7, vocab=16)).save(path)
+    distributed.barrier()
+    return str(path)
 
 
 def views(step: int) -> list[torch.Tensor]:
@@ -95,6 +122,10 @@ def experiments(kind: str, tmp: Path) -> dict:
     for stage in [2, 3] if kind == "deepspeed" else [0]:  # two steps: SiT's tiny run turns chaotic after that
         engine, _ = make_engine(kind, "lars", stage, method=SIT)
         results[f"sit-zero{stage}"] = {"losses": train(engine, "lars", range(2)), "weights": full_weights(engine)}
+    beit = [*BEIT, f"beit.tokenizer_path={beit_tokenizer(tmp)}"]
+    for stage in [2, 3] if kind == "deepspeed" else [0]:
+        engine, _ = make_engine(kind, "lars", stage, method=beit)  # LARS: AdamW magnifies rounding at step 1
+        results[f"beit-zero{stage}"] = {"losses": train(engine, "lars", range(2)), "weights": full_weights(engine)}
     for stage in [2, 3] if kind == "deepspeed" else []:  # compiled blocks, to compare with adamw-zero2/3
         engine, _ = make_engine(kind, "adamw", stage, method=["model.compile=true"])
         results[f"adamw-zero{stage}-compiled"] = {

@@ -10,6 +10,8 @@ import torch.nn.functional as F
 
 import train
 from fastvit_ssl.config import ConfigError, load
+from fastvit_ssl.eval import finetune
+from fastvit_ssl.eval.encoder import adapt_state, load_encoder
 from fastvit_ssl.methods.beit import IGNORE
 from fastvit_ssl.methods.build import build_method
 from fastvit_ssl.models.vit import Attention, Block, RelativePositionBias, VisionTransformer
@@ -17,12 +19,12 @@ from fastvit_ssl.monitor import read_metrics
 from fastvit_ssl.tokenizer.dalle import DalleEncoder, DalleTokenizer
 from fastvit_ssl.tokenizer.dvae import PatchVQ, PatchVQConfig
 
-BEIT_VIT = dict(pos_embed="none", init="beit", rel_pos_bias=True, layer_scale=0.1, qkv_bias="qv", mask_token=True)
+BEIT_VIT = dict(pos_embed="none", init="beit", rel_pos_bias="shared", layer_scale=0.1, qkv_bias="qv", mask_token=True)
 BEIT = [
     "method.name=beit",
     "model.pos_embed=none",
     "model.init=beit",
-    "model.rel_pos_bias=true",
+    "model.rel_pos_bias=shared",
     "model.layer_scale=0.1",
     "model.qkv_bias=qv",
     "model.mask_token=true",
@@ -140,6 +142,32 @@ def test_beit_trains_writes_its_pictures_and_resumes_exactly(tiny_overrides):
     resumed = train.main(cut)
     metrics = read_metrics(Path(resumed["run_dir"]) / "metrics.jsonl")
     assert {r["step"]: r["loss"] for r in metrics if "loss" in r} == losses  # bit for bit, masks included
+
+    # fine-tuning the checkpoint with BEiT's layout and layer decay, through the CLI
+    common = ["--checkpoint", str(run_dir), "--epochs", "1", "--batch", "8", "--mixup", "0", "--cutmix", "0"]
+    result = finetune.main(common)
+    assert 0 <= result["finetune_top1"] <= 100
+    encoder, cfg = load_encoder(run_dir, finetune.finetuning_layout)
+    assert encoder.global_pool == "avg" and encoder.mask_token is None and encoder.rel_pos_bias is None
+
+
+def test_finetuning_layout_copies_the_shared_bias_into_every_block():
+    torch.manual_seed(0)
+    pre = VisionTransformer("vit_demo", 28, global_pool="avg_normed", **BEIT_VIT)
+    torch.nn.init.normal_(pre.rel_pos_bias.relative_position_bias_table)
+    layout = {**BEIT_VIT, "rel_pos_bias": "per_block", "mask_token": False}
+    fine = VisionTransformer("vit_demo", 28, global_pool="avg", **layout)
+    fine.load_state_dict(adapt_state(pre.state_dict(), fine))
+    for block in fine.blocks:
+        assert torch.equal(
+            block.rel_pos_bias.relative_position_bias_table, pre.rel_pos_bias.relative_position_bias_table
+        )
+    assert torch.equal(fine.fc_norm.weight, pre.norm.weight)
+    outputs = {}
+    for name, model in (("pre", pre), ("fine", fine)):
+        model.blocks[-1].register_forward_hook(lambda m, a, out, name=name: outputs.setdefault(name, out))
+        model.eval()(torch.randn(2, 3, 28, 28, generator=torch.Generator().manual_seed(1)))
+    torch.testing.assert_close(outputs["fine"], outputs["pre"])  # the same network up to the pooling
 
 
 def test_prepare_masks_targets_and_padding():

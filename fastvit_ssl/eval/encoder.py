@@ -9,6 +9,7 @@ checkpoint). The encoder's weights are the keys under the method's backbone (`on
 from __future__ import annotations
 
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -82,10 +83,29 @@ def load_weights(encoder: VisionTransformer, state: dict[str, torch.Tensor], sou
     encoder.load_state_dict(state)
 
 
-def load_encoder(path: Path, **overrides) -> tuple[VisionTransformer, Config]:
-    """(pre-trained encoder, the config it was trained with); `overrides` go to VisionTransformer (e.g. drop path)."""
+def adapt_state(state: dict[str, torch.Tensor], encoder: VisionTransformer) -> dict[str, torch.Tensor]:
+    """Pre-training weights for an encoder built differently for fine-tuning (BEiT's recipe): a shared relative
+    position bias is copied into every block's own, the [MASK] token dropped, and the final norm of the normed
+    tokens becomes the norm of their mean (fc_norm)."""
+    state, own = dict(state), encoder.state_dict()
+    shared = state.pop("rel_pos_bias.relative_position_bias_table", None)
+    if shared is not None and "rel_pos_bias.relative_position_bias_table" not in own:
+        for i in range(len(encoder.blocks)):
+            state.setdefault(f"blocks.{i}.rel_pos_bias.relative_position_bias_table", shared.clone())
+    if "mask_token" not in own:
+        state.pop("mask_token", None)
+    if "fc_norm.weight" in own and "norm.weight" not in own:
+        for name in ("weight", "bias"):
+            if f"norm.{name}" in state:
+                state[f"fc_norm.{name}"] = state.pop(f"norm.{name}")
+    return state
+
+
+def load_encoder(path: Path, layout: Callable[[Config], dict] | None = None, **overrides):
+    """(pre-trained encoder, the config it was trained with); `overrides` go to VisionTransformer (e.g. drop path),
+    and so do those `layout(config)` returns (e.g. BEiT's fine-tuning layout: see adapt_state)."""
     state = read_checkpoint(path)
     cfg = from_dict(state["config"])
-    encoder = build_encoder(cfg, **overrides)
-    load_weights(encoder, encoder_state(state["model"], cfg.method.name), str(path))
+    encoder = build_encoder(cfg, **overrides, **(layout(cfg) if layout else {}))
+    load_weights(encoder, adapt_state(encoder_state(state["model"], cfg.method.name), encoder), str(path))
     return encoder, cfg

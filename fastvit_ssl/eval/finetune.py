@@ -47,7 +47,7 @@ class Recipe:
     batch: int = 1024
     base_lr: float = 5e-4  # lr = base_lr * batch / 256
     weight_decay: float = 0.05
-    layer_decay: float = 0.75  # lr of block i scales by layer_decay^(depth + 1 - i)
+    layer_decay: float = 0.75  # lr of block i scales by layer_decay^(depth + 1 - i) (main: BEiT's 0.65 for BEiT)
     drop_path: float = 0.1
     mixup: float = 0.8  # Beta(alpha, alpha) mixing of whole images
     cutmix: float = 1.0  # Beta(alpha, alpha) area of a pasted box; each batch uses one of the two
@@ -58,7 +58,7 @@ class Recipe:
     warmup_epochs: float = 5
     seed: int = 0
     pool: str = "auto"  # cls: Linear on the encoder's output; cls+mean: SiT's MLP head on [class token, mean of
-    # the patch tokens]; auto: cls+mean for SiT checkpoints, else cls
+    # the patch tokens]; auto: cls+mean for SiT checkpoints, else cls (for BEiT the encoder's output is the mean)
 
 
 class Classifier(nn.Module):
@@ -130,6 +130,14 @@ def param_groups(model: Classifier, recipe: Recipe, lr: float) -> list[dict]:
     for group in groups.values():
         group["lr"] = lr * group["lr_scale"]
     return list(groups.values())
+
+
+def finetuning_layout(cfg) -> dict:
+    """How a pre-trained encoder is rebuilt for fine-tuning: BEiT's recipe gives every block its own relative
+    position bias (each starts from the shared one), mean pooling and its norm, and drops the [MASK] token."""
+    if cfg.method.name == "beit":
+        return {"rel_pos_bias": "per_block", "global_pool": "avg", "mask_token": False}
+    return {}
 
 
 def mix(images: torch.Tensor, targets: torch.Tensor, recipe: Recipe, rng: np.random.Generator):
@@ -214,9 +222,12 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--data", type=Path, help="folder with train/ and val/ (default: the run's data)")
     parser.add_argument("--random-init", action="store_true", help="fine-tune a randomly initialised encoder")
     for field, default in vars(Recipe()).items():
-        parser.add_argument(f"--{field.replace('_', '-')}", type=type(default), default=default)
+        if field == "layer_decay":  # its default depends on the checkpoint's method
+            parser.add_argument("--layer-decay", type=float, help="default: 0.75 (MAE); BEiT checkpoints 0.65")
+        else:
+            parser.add_argument(f"--{field.replace('_', '-')}", type=type(default), default=default)
     args = parser.parse_args(argv)
-    recipe = Recipe(**{f: getattr(args, f) for f in vars(Recipe())})
+    recipe = Recipe(**{f: getattr(args, f) for f in vars(Recipe()) if getattr(args, f) is not None})
     started = time.perf_counter()
     trainable = {"frozen_patch_embed": False, "drop_path_rate": recipe.drop_path}
     if args.timm_weights:
@@ -226,9 +237,11 @@ def main(argv: list[str] | None = None) -> dict:
         encoder = build_encoder(cfg, **trainable)
         from_timm_state_dict(encoder, load_file(str(args.timm_weights)), str(args.timm_weights))
     else:
-        encoder, cfg = load_encoder(args.checkpoint, **trainable)
+        encoder, cfg = load_encoder(args.checkpoint, finetuning_layout, **trainable)
+    if args.layer_decay is None:
+        recipe.layer_decay = 0.65 if cfg.method.name == "beit" else Recipe.layer_decay
     if args.random_init:
-        encoder = random_encoder(cfg, **trainable)
+        encoder = random_encoder(cfg, **trainable, **finetuning_layout(cfg))
     if recipe.pool == "auto":
         recipe.pool = "cls+mean" if cfg.method.name == "sit" else "cls"
     if recipe.pool not in ("cls", "cls+mean"):

@@ -200,8 +200,11 @@ class Block(nn.Module):
         drop_path_rate: float = 0.0,
         qkv_bias: str = "all",
         layer_scale: float = 0.0,
+        rel_pos_grid: int = 0,
     ):
         super().__init__()
+        # BEiT fine-tuning: this block's own relative position bias (over a rel_pos_grid^2 patch grid); 0: none
+        self.rel_pos_bias = RelativePositionBias(rel_pos_grid, num_heads) if rel_pos_grid else None
         self.norm1 = nn.LayerNorm(dim, eps=1e-6)
         self.attn = Attention(dim, num_heads, qkv_bias)
         self.ls1 = LayerScale(dim, layer_scale) if layer_scale else nn.Identity()
@@ -211,6 +214,8 @@ class Block(nn.Module):
         self.drop_path_rate = drop_path_rate  # fine-tuning (and SiT, BEiT); MoCo v3 pre-trains without
 
     def forward(self, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+        if self.rel_pos_bias is not None:
+            bias = self.rel_pos_bias()
         x = x + drop_path(self.ls1(self.attn(self.norm1(x), bias)), self.drop_path_rate, self.training)
         return x + drop_path(self.ls2(self.mlp(self.norm2(x))), self.drop_path_rate, self.training)
 
@@ -245,7 +250,8 @@ class VisionTransformer(nn.Module):
             truncated at +-2, class token too; the patch convolution keeps PyTorch's default) or "beit" (the same,
             then block l's attn.proj and mlp.fc2 weights divided by sqrt(2 l)).
         num_heads: attention heads; 0 takes the arch's.
-        rel_pos_bias: one relative position bias shared by all blocks (BEiT pre-training).
+        rel_pos_bias: "none", "shared" (one relative position bias for all blocks: BEiT pre-training) or
+            "per_block" (one each: BEiT fine-tuning, which starts every block from the shared one).
         layer_scale: LayerScale's initial value on both residual branches (BEiT: 0.1 for ViT-B, 1e-5 for ViT-L); 0
             for none.
         qkv_bias: "all" or "qv" (BEiT).
@@ -266,7 +272,7 @@ class VisionTransformer(nn.Module):
         pos_embed: str = "sincos",
         init: str = "mocov3",
         num_heads: int = 0,
-        rel_pos_bias: bool = False,
+        rel_pos_bias: str = "none",
         layer_scale: float = 0.0,
         qkv_bias: str = "all",
         mask_token: bool = False,
@@ -286,9 +292,10 @@ class VisionTransformer(nn.Module):
         self.mask_token = nn.Parameter(torch.zeros(1, 1, spec.embed_dim)) if mask_token else None
         rates = [drop_path_rate * i / max(spec.depth - 1, 1) for i in range(spec.depth)]  # deeper: dropped more
         heads = num_heads or spec.num_heads
-        self.rel_pos_bias = RelativePositionBias(grid, heads) if rel_pos_bias else None
+        self.rel_pos_bias = RelativePositionBias(grid, heads) if rel_pos_bias == "shared" else None
+        own = grid if rel_pos_bias == "per_block" else 0
         self.blocks = nn.Sequential(
-            *[Block(spec.embed_dim, heads, drop_path_rate=r, qkv_bias=qkv_bias, layer_scale=layer_scale) for r in rates]
+            *[Block(spec.embed_dim, heads, 4.0, r, qkv_bias, layer_scale, rel_pos_grid=own) for r in rates]
         )
         pooled_norm = nn.LayerNorm(spec.embed_dim, eps=1e-6)
         self.norm = pooled_norm if global_pool in ("token", "avg_normed") else nn.Identity()
