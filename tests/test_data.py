@@ -1,5 +1,7 @@
 import logging
 import random
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -146,3 +148,25 @@ def test_demo_dataset_is_real_mnist_as_jpeg(tmp_path):
         assert img.format == "JPEG" and img.size == (28, 28)
         assert np.asarray(img).std() > 30  # a digit on a dark ground, not a blank
     assert build_demo_dataset(root) == root  # second call reuses the files
+
+
+EXIT_SCRIPT = """
+import sys
+from pathlib import Path
+from fastvit_ssl.data.augment import moco_v3_views
+from fastvit_ssl.data.folder import scan_image_folder
+from fastvit_ssl.data.torch_pipeline import TorchViewLoader
+
+LOADER = TorchViewLoader(scan_image_folder(Path(sys.argv[1]))[0], moco_v3_views(16), 4, 0, 1, seed=0, num_workers=2)
+LOADER.start(0)
+next(iter(LOADER))
+"""
+
+
+def test_a_process_exits_with_its_loader_workers_alive(dataset_root):
+    """Workers ignore SIGTERM (the main process stops cleanly on it), so multiprocessing's exit handler, which
+    terminates and then joins them, waited forever for a loader still alive at exit (seen once after a demo run)."""
+    result = subprocess.run(
+        [sys.executable, "-c", EXIT_SCRIPT, str(dataset_root / "train")], capture_output=True, text=True, timeout=120
+    )
+    assert result.returncode == 0, result.stderr[-2000:]

@@ -7,6 +7,7 @@ depend on the number of workers or ranks, and a resumed run sees exactly the ima
 from __future__ import annotations
 
 import random
+import weakref
 from dataclasses import dataclass
 
 import numpy as np
@@ -154,6 +155,13 @@ def collate_views(items) -> Batch:
     return Batch(views, labels, sum(item[2] for item in items))
 
 
+def stop_workers(loader: DataLoader) -> None:
+    """Shut a persistent-worker DataLoader's processes down now."""
+    iterator, loader._iterator = getattr(loader, "_iterator", None), None
+    if iterator is not None and hasattr(iterator, "_shutdown_workers"):
+        iterator._shutdown_workers()
+
+
 class TorchViewLoader:
     """Pre-training batches of this rank from the Pillow pipeline; `start(epoch, first_batch)` positions it.
 
@@ -189,6 +197,9 @@ class TorchViewLoader:
             generator=torch.Generator().manual_seed(seed),  # not the global RNG, which a resume restores
             worker_init_fn=ignore_in_worker,  # SIGTERM/SIGINT are the main process's: it stops cleanly
         )
+        # Workers that ignore SIGTERM outlive multiprocessing's exit handler, which terminates then joins them:
+        # stop them before it, whenever this loader is dropped or the interpreter exits (a crash included).
+        self.close = weakref.finalize(self, stop_workers, self.loader)
 
     def start(self, epoch: int, first_batch: int = 0) -> None:
         self.sampler.start(epoch, first_batch)
