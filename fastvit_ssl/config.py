@@ -361,11 +361,6 @@ def validate_beit(cfg: Config) -> None:
         (cfg.model.mask_token, "BEiT replaces masked patches by a learned token: set model.mask_token=true"),
         (cfg.model.global_pool != "avg", "BEiT's LM head reads normed tokens: model.global_pool=avg_normed or token"),
         (not spec.conv_stem, "BEiT masks patch embeddings: use an arch without the conv stem"),
-        (
-            beit.tokenizer != "dalle" or beit.tokenizer_path,
-            "beit.tokenizer=dalle needs beit.tokenizer_path=<the DALL-E encoder as safetensors> "
-            "(see fastvit_ssl/tokenizer/dalle.py for the one-time conversion)",
-        ),
     ]
     for ok, message in checks:
         if not ok:

@@ -10,7 +10,7 @@ import torch.nn.functional as F
 
 import train
 from fastvit_ssl.config import ConfigError, load
-from fastvit_ssl.eval import finetune
+from fastvit_ssl.eval import export, finetune
 from fastvit_ssl.eval.encoder import adapt_state, load_encoder
 from fastvit_ssl.methods.beit import IGNORE
 from fastvit_ssl.methods.build import build_method
@@ -201,7 +201,28 @@ def BEiT_with_random_tokenizer(cfg):
 def test_wrong_beit_settings_are_refused():
     with pytest.raises(ConfigError, match="model.mask_token=true"):
         load(None, ["method.name=beit"])
-    with pytest.raises(ConfigError, match="beit.tokenizer_path"):
-        load(None, [*BEIT, "beit.tokenizer=dalle", "beit.mask_patches=75", "beit.mask_min_patches=16"])
+    with pytest.raises(ConfigError, match="beit.tokenizer=dalle needs beit.tokenizer_path"):
+        build_method(load(None, [*BEIT, "beit.tokenizer=dalle", "beit.mask_patches=75", "beit.mask_min_patches=16"]))
+    with pytest.raises(ConfigError, match="python -m fastvit_ssl.tokenizer.train"):
+        build_method(load(None, [*BEIT, "beit.tokenizer_path=/nonexistent/t.safetensors"]))
     with pytest.raises(ConfigError, match="beit.mask_patches must lie in 1..15"):
         load(None, [*BEIT, "model.arch=vit_demo", "model.img_size=28", "beit.mask_patches=20"])
+
+
+def test_export_uses_timm_beit_names():
+    vit = VisionTransformer("vit_demo", 28, global_pool="avg_normed", **BEIT_VIT)
+    per_block = ["attn.qkv.weight", "attn.q_bias", "attn.v_bias", "attn.proj.weight", "attn.proj.bias", "gamma_1"]
+    per_block += ["gamma_2", "norm1.weight", "norm1.bias", "norm2.weight", "norm2.bias", "mlp.fc1.weight"]
+    per_block += ["mlp.fc1.bias", "mlp.fc2.weight", "mlp.fc2.bias"]
+    expected = {f"blocks.{i}.{name}" for i in range(4) for name in per_block}
+    expected |= {"cls_token", "patch_embed.proj.weight", "patch_embed.proj.bias", "norm.weight", "norm.bias"}
+    expected |= {"rel_pos_bias.relative_position_bias_table", "rel_pos_bias.relative_position_index"}
+    state = export.to_timm_state_dict(vit)
+    assert set(state) == expected  # timm's Beit(use_abs_pos_emb=False, use_shared_rel_pos_bias=True, init_values)
+    assert torch.equal(state["blocks.2.gamma_1"], vit.blocks[2].ls1.gamma)
+    kwargs = export.timm_spec(vit)["timm_kwargs"]
+    assert kwargs["use_shared_rel_pos_bias"] and not kwargs["use_abs_pos_emb"] and kwargs["init_values"] > 0
+    fine = VisionTransformer("vit_demo", 28, global_pool="avg", **{**BEIT_VIT, "rel_pos_bias": "per_block"})
+    state = export.to_timm_state_dict(fine)
+    assert "blocks.3.attn.relative_position_bias_table" in state and "blocks.3.attn.relative_position_index" in state
+    assert "fc_norm.weight" in state and export.timm_spec(fine)["timm_kwargs"]["global_pool"] == "avg"

@@ -66,6 +66,8 @@ def test_export_round_trip_gives_identical_features(tmp_path):
         "qkv_bias": True,
         "class_token": True,
         "global_pool": "avg",
+        "fc_norm": True,
+        "init_values": None,
         "num_classes": 0,
     }
 

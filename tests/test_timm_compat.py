@@ -20,3 +20,15 @@ def test_timm_builds_and_loads_the_export_strictly_with_the_same_features(arch, 
     theirs.load_state_dict(export.to_timm_state_dict(ours), strict=True)
     x = torch.randn(2, 3, size, size)
     torch.testing.assert_close(theirs(x), ours(x), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("rel_pos_bias, pool", [("shared", "token"), ("per_block", "avg")])
+def test_timm_beit_builds_and_loads_a_beit_export_with_the_same_features(rel_pos_bias, pool):
+    torch.manual_seed(0)
+    beit = dict(pos_embed="none", init="beit", rel_pos_bias=rel_pos_bias, layer_scale=0.1, qkv_bias="qv")
+    ours = VisionTransformer("vit_demo", 28, global_pool=pool, **beit).eval()
+    spec = export.timm_spec(ours)
+    theirs = timm.create_model(spec["timm_model"], pretrained=False, **spec["timm_kwargs"]).eval()
+    theirs.load_state_dict(export.to_timm_state_dict(ours), strict=True)
+    x = torch.randn(2, 3, 28, 28)
+    torch.testing.assert_close(theirs(x), ours(x), rtol=1e-5, atol=1e-5)

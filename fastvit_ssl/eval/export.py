@@ -12,6 +12,9 @@ this architecture, so that
 
 gives our encoder's features (num_classes=0: the model returns the pooled feature). MoCo v3's ViT-S has 12 heads
 where timm's vit_small has 6: the kwargs say so. The conv-stem models have no timm counterpart and are refused.
+BEiT encoders (relative position biases, q/v biases) go to timm's `Beit` (beit_* names: gamma_1/2, attn.q_bias,
+rel_pos_bias.*); BEiT pre-training's mean of the normed tokens has no timm pooling: it is exported as "token"
+(the same normed tokens from forward_features; average x[:, 1:] yourself).
 """
 
 from __future__ import annotations
@@ -35,11 +38,49 @@ TIMM_NAMES = {
 }
 
 
+TIMM_BEIT_NAMES = {"vit_base": "beit_base_patch16_224", "vit_large": "beit_large_patch16_224"}
+
+
+def beit_layout(encoder: VisionTransformer) -> bool:
+    """Whether `encoder` needs timm's Beit: relative position biases or biases on q and v only."""
+    block = encoder.blocks[0]
+    return encoder.rel_pos_bias is not None or block.rel_pos_bias is not None or block.attn.qkv.bias is None
+
+
+def layer_scale(encoder: VisionTransformer) -> float | None:
+    gamma = getattr(encoder.blocks[0].ls1, "gamma", None)
+    return None if gamma is None else float(gamma.detach().flatten()[0])  # the weights overwrite it anyway
+
+
+def timm_beit_spec(encoder: VisionTransformer) -> dict:
+    spec = ARCH_SPECS[encoder.arch]
+    kwargs = {
+        "img_size": encoder.patch_embed.img_size,
+        "patch_size": spec.patch_size,
+        "embed_dim": spec.embed_dim,
+        "depth": spec.depth,
+        "num_heads": encoder.blocks[0].attn.num_heads,
+        "mlp_ratio": 4.0,
+        "qkv_bias": True,  # timm's Beit: learned q and v biases
+        "init_values": layer_scale(encoder),
+        "use_abs_pos_emb": encoder.pos_embed_kind != "none",
+        "use_rel_pos_bias": encoder.blocks[0].rel_pos_bias is not None,
+        "use_shared_rel_pos_bias": encoder.rel_pos_bias is not None,
+        "global_pool": "avg" if encoder.global_pool == "avg" else "token",
+        "num_classes": 0,
+    }
+    return {"timm_model": TIMM_BEIT_NAMES.get(encoder.arch, "beit_base_patch16_224"), "timm_kwargs": kwargs}
+
+
 def timm_spec(encoder: VisionTransformer) -> dict:
     """{"timm_model": name, "timm_kwargs": {...}} that rebuild `encoder` in timm."""
     spec = ARCH_SPECS[encoder.arch]
     if spec.conv_stem:
         raise CheckpointError(f"{encoder.arch} has a convolutional stem, which timm's VisionTransformer lacks")
+    if beit_layout(encoder):
+        if encoder.blocks[0].attn.qkv.bias is not None:
+            raise CheckpointError("timm's Beit has no bias on k: export a BEiT encoder with model.qkv_bias=qv")
+        return timm_beit_spec(encoder)
     kwargs = {
         "img_size": encoder.patch_embed.img_size,
         "patch_size": spec.patch_size,
@@ -51,14 +92,32 @@ def timm_spec(encoder: VisionTransformer) -> dict:
         "class_token": True,
         "global_pool": "avg" if encoder.global_pool == "avg_normed" else encoder.global_pool,
         "fc_norm": encoder.global_pool == "avg",
+        "init_values": layer_scale(encoder),
         "num_classes": 0,
     }
     return {"timm_model": TIMM_NAMES.get(encoder.arch, "vit_base_patch16_224"), "timm_kwargs": kwargs}
 
 
 def to_timm_state_dict(encoder: VisionTransformer) -> dict[str, torch.Tensor]:
-    """Our parameter names already follow timm's; the fixed position table becomes a plain tensor."""
-    return {k: v.detach().contiguous().clone() for k, v in encoder.state_dict().items()}
+    """Our parameter names already follow timm's VisionTransformer (the fixed position table becomes a plain
+    tensor); BEiT encoders get timm Beit's names and its relative position index buffers. No [MASK] token."""
+    state = {k: v.detach().contiguous().clone() for k, v in encoder.state_dict().items() if k != "mask_token"}
+    if not beit_layout(encoder):
+        return state
+    renames = [(".ls1.gamma", ".gamma_1"), (".ls2.gamma", ".gamma_2"), (".rel_pos_bias.", ".attn.")]
+    out = {}
+    for key, value in state.items():
+        if key == "pos_embed" and encoder.pos_embed_kind == "none":
+            continue
+        for old, new in renames:
+            key = key.replace(old, new) if key.startswith("blocks.") else key
+        out[key] = value
+    if encoder.rel_pos_bias is not None:
+        out["rel_pos_bias.relative_position_index"] = encoder.rel_pos_bias.relative_position_index.clone()
+    for i, block in enumerate(encoder.blocks):
+        if block.rel_pos_bias is not None:
+            out[f"blocks.{i}.attn.relative_position_index"] = block.rel_pos_bias.relative_position_index.clone()
+    return out
 
 
 def from_timm_state_dict(encoder: VisionTransformer, state: dict[str, torch.Tensor], source: str = "weights") -> None:

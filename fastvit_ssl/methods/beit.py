@@ -21,7 +21,7 @@ import torch
 from torch import nn
 
 from fastvit_ssl import distributed
-from fastvit_ssl.config import Config
+from fastvit_ssl.config import Config, ConfigError
 from fastvit_ssl.data.augment import IMAGENET_MEAN, IMAGENET_STD
 from fastvit_ssl.data.masking import BlockMasking, mask_rng, masked_positions
 from fastvit_ssl.kernels.dispatch import REFERENCE_OPS, Ops
@@ -173,11 +173,17 @@ def build_tokenizer(cfg: Config) -> VisualTokenizer:
 
     grid = cfg.model.img_size // ARCH_SPECS[cfg.model.arch].patch_size
     if cfg.beit.tokenizer == "dalle":
+        if not Path(cfg.beit.tokenizer_path).is_file():
+            raise ConfigError(
+                f"beit.tokenizer=dalle needs beit.tokenizer_path=<DALL-E's encoder as safetensors>, got "
+                f"{cfg.beit.tokenizer_path!r}: no such file. Convert OpenAI's released encoder.pkl once, as "
+                "fastvit_ssl/tokenizer/dalle.py says, or use beit.tokenizer=trained"
+            )
         return DalleTokenizer(cfg.beit.tokenizer_path, grid)
     path = Path(cfg.beit.tokenizer_path or Path(cfg.run.out_dir) / cfg.run.name / "tokenizer.safetensors")
     if not path.is_file():
         if cfg.beit.tokenizer_path:
-            raise FileNotFoundError(
+            raise ConfigError(
                 f"beit.tokenizer_path={path}: no such file; train one with python -m fastvit_ssl.tokenizer.train, "
                 "or leave beit.tokenizer_path empty to have one trained into the run folder"
             )

@@ -287,6 +287,7 @@ class VisionTransformer(nn.Module):
         self.cls_token = nn.Parameter(torch.zeros(1, 1, spec.embed_dim))
         grid = img_size // spec.patch_size
         table = sincos_pos_embed(grid, spec.embed_dim)  # (1, 1 + L, D)
+        self.pos_embed_kind = pos_embed
         self.pos_embed = nn.Parameter(table if pos_embed == "sincos" else torch.zeros_like(table))
         self.pos_embed.requires_grad_(pos_embed == "learned")
         self.mask_token = nn.Parameter(torch.zeros(1, 1, spec.embed_dim)) if mask_token else None
