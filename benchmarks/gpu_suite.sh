@@ -35,11 +35,13 @@ if [ "${SUITE_REHEARSAL:-0}" = 1 ]; then  # on a CPU: every part at toy sizes, t
   tests=(-k "ema and not installed_copy")
   throughput=(--compare --arch vit_demo --img-size 28 --batch 8 --steps 1)
   compiled=("--arch vit_demo --img-size 28 --batch 8")
+  beit=(--arch vit_demo --img-size 28 --batch 8 --steps 1)
   data=(--images 24 --batch 4 --warmup 1 --batches 2 --size 32 --threads 1)
 else
   tests=(-k "not installed_copy")
   throughput=(--suite --method all)
   compiled=("--arch vit_small --batch 256" "--arch vit_base --batch 128")
+  beit=(--arch vit_base --batch 128 --steps 4)
   data=(--images 2048 --batch 128 --threads 8)
 fi
 
@@ -63,6 +65,11 @@ for i in "${!compiled[@]}"; do
     --out "$out/throughput-compiled-$i.csv" 2>&1 | tee -a "$out/throughput.txt"
   [ "${PIPESTATUS[0]}" -eq 0 ] || status=1
 done
+
+echo "== BEiT: fused LM head vs materialised logits (DALL-E-sized tokenizer, random weights) =="
+timeout 120 python3 benchmarks/throughput.py --method beit --compare "${beit[@]}" --out "$out/throughput-beit.csv" \
+  2>&1 | tee -a "$out/throughput.txt"
+[ "${PIPESTATUS[0]}" -eq 0 ] || status=1
 
 echo "== data pipelines (DALI where installed) =="
 timeout 120 python3 benchmarks/data.py "${data[@]}" --out "$out/data.csv" 2>&1 | tee "$out/data.txt"

@@ -1,4 +1,4 @@
-"""End-to-end training throughput of a method (MoCo v3, or SiT with --method sit): images/s, step time, model
+"""End-to-end training throughput of a method (MoCo v3; SiT or BEiT with --method): images/s, step time, model
 TFLOP/s and MFU, peak memory and a per-phase breakdown, for our path and for `--baseline`, the way the official
 code trains.
 
@@ -20,6 +20,8 @@ MLP heads of widths (D -> H -> H -> d) and (d -> H -> d), N local and M gathered
     step = 2 views x [3 (F + G) (base fwd + bwd) + (F + G_projector) (momentum fwd)] + 2 x 3 x 2 N M d (loss)
 SiT, both views in one batch, contrastive head Gc = 2 B (D H + H H + H d), pixel head R = 2 B (T - 1) (3 D^2 + 3 D P^2):
     step = 2 views x [3 (F + Gc + R) (student fwd + bwd) + (F + Gc) (teacher fwd)] + 2 x 3 x 2 N M d (loss)
+BEiT, one view, K masked tokens per image, vocabulary V (8,192, DALL-E's; its frozen encoder is not counted):
+    step = 3 F + 3 x 2 B K D V
 MFU = model FLOP/s / peak FLOP/s, the peak taken from a large matrix product measured on the same device (bf16 on
 CUDA, fp32 on CPU), not a datasheet.
 """
@@ -33,6 +35,7 @@ import statistics
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from unittest import mock
 
 import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
@@ -61,6 +64,16 @@ ATTENTION = {
     "cudnn": SDPBackend.CUDNN_ATTENTION,
 }
 PHASES = ("data", "prepare", "forward", "ema", "targets", "loss", "backward", "optimizer")
+BEIT_MODEL = [
+    "pos_embed=none",
+    "init=beit",
+    "rel_pos_bias=shared",
+    "layer_scale=0.1",
+    "qkv_bias=qv",
+    "mask_token=true",
+    "frozen_patch_embed=false",
+    "global_pool=avg_normed",
+]
 
 
 @dataclass
@@ -79,13 +92,22 @@ class Setup:
     compile: bool = False  # ours only: model.compile (torch.compile of the encoder blocks)
 
 
+def random_dalle_tokenizer(cfg):
+    """BEiT's tokenizer for timing: DALL-E's encoder (its full cost) with random weights."""
+    from fastvit_ssl.tokenizer.dalle import DalleTokenizer
+
+    return DalleTokenizer(None, cfg.model.img_size // ARCH_SPECS[cfg.model.arch].patch_size)
+
+
 def step_flops(cfg, batch: int, keys: int) -> float:
     """Model FLOPs of one step of the method (the formulas in the module docstring)."""
     spec = ARCH_SPECS[cfg.model.arch]
     T, D, L, P = (cfg.model.img_size // spec.patch_size) ** 2 + 1, spec.embed_dim, spec.depth, spec.patch_size
+    encoder = batch * (L * (24 * T * D * D + 4 * T * T * D) + 2 * (T - 1) * 3 * P * P * D)
+    if cfg.method.name == "beit":  # one view; the LM head on the masked tokens; the frozen tokenizer not counted
+        return 3 * encoder + 3 * 2 * batch * cfg.beit.mask_patches * D * 8192
     section = cfg.sit if cfg.method.name == "sit" else cfg.moco
     H, d = section.mlp_dim, section.dim
-    encoder = batch * (L * (24 * T * D * D + 4 * T * T * D) + 2 * (T - 1) * 3 * P * P * D)
     loss = 2 * 3 * 2 * batch * keys * d
     if cfg.method.name == "sit":
         head = 2 * batch * (D * H + H * H + H * d)
@@ -125,7 +147,11 @@ class Trainer:
         overrides.append(f"method.name={setup.method}")
         if setup.method == "sit":
             overrides += ["model.pos_embed=learned", "model.init=trunc_normal", "model.frozen_patch_embed=false"]
-        if setup.arch == "vit_demo":
+        if setup.method == "beit":
+            overrides += [f"model.{k}" for k in BEIT_MODEL]
+            grid = setup.img_size // ARCH_SPECS[setup.arch].patch_size
+            overrides += [f"beit.mask_patches={max(1, round(0.4 * grid * grid))}", "beit.mask_min_patches=1"]
+        if setup.arch == "vit_demo" and setup.method != "beit":
             section = "sit" if setup.method == "sit" else "moco"
             overrides += [f"{section}.dim=128", f"{section}.mlp_dim=1024"]
         if setup.data is not None:
@@ -139,7 +165,8 @@ class Trainer:
         ops = REFERENCE_OPS if setup.baseline else select_ops(setup.kernels, device)
         self.fused = ops.fused
         torch.manual_seed(0)
-        self.model = build_method(self.cfg, ops).to(device)
+        with mock.patch("fastvit_ssl.methods.beit.build_tokenizer", random_dalle_tokenizer):
+            self.model = build_method(self.cfg, ops).to(device)
         if setup.baseline:  # torch's default AdamW, as the official scripts build it
             groups = [{k: v for k, v in g.items() if k != "decay"} for g in self.model.param_groups()]
             self.optimizer = torch.optim.AdamW(groups, lr=1e-4, weight_decay=0.1)
@@ -274,7 +301,8 @@ def row(trainer: Trainer, times: list[float], peak: float, phase_reps: int) -> d
 
 def main(argv=None) -> list[dict]:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--method", default="mocov3", choices=["mocov3", "sit", "all"], help="all: with --suite")
+    methods = ["mocov3", "sit", "beit", "all"]
+    parser.add_argument("--method", default="mocov3", choices=methods, help="all: with --suite")
     parser.add_argument("--arch", default="vit_small", choices=sorted(ARCH_SPECS))
     parser.add_argument("--batch", type=int, default=32)
     parser.add_argument("--img-size", type=int, default=224)

@@ -94,8 +94,13 @@ class DalleEncoder(nn.Module):
 class DalleTokenizer(VisualTokenizer):
     """BEiT's tokenizer: the DALL-E encoder's argmax token for each 8 x 8 patch of the view resized to 8 x grid."""
 
-    def __init__(self, weights: str | Path, grid: int = 14):
+    def __init__(self, weights: str | Path | None, grid: int = 14):
         super().__init__()
+        if weights is None:  # random weights: the encoder's cost without its knowledge (benchmarks)
+            self.vocab_size, self.grid, self.image_size = 8192, grid, 8 * grid
+            self.encoder = DalleEncoder()
+            self.requires_grad_(False).eval()
+            return
         path = Path(weights)
         if not path.is_file():
             raise FileNotFoundError(
