@@ -22,7 +22,7 @@ import torch
 
 from fastvit_ssl import checkpoint, cli, distributed, runinfo
 from fastvit_ssl.checkpoint import CheckpointError, IncompatibleCheckpoint
-from fastvit_ssl.config import Config, ConfigError, load
+from fastvit_ssl.config import Config, ConfigError, from_dict, load
 from fastvit_ssl.data.build import build_eval_data, build_train_data, resolve_root
 from fastvit_ssl.engine.build import build_engine
 from fastvit_ssl.eval.encoder import random_encoder
@@ -60,6 +60,8 @@ def main(argv: list[str] | None = None) -> dict:
     eval_data = build_eval_data(cfg, data_root, train_samples, classes)
     ops = select_ops(cfg.run.kernels, device)
     model = build_method(cfg, ops).to(device)
+    if cfg.run.init_from and not checkpoint.list_checkpoints(run_dir):  # a resume brings its own weights
+        init_weights(cfg, model)
     engine = build_engine(cfg, model, device, ops)
     start_step, lr_scale = resume(cfg, run_dir, engine)
     if distributed.is_main():
@@ -202,6 +204,31 @@ def evaluate_knn(cfg: Config, encoder, eval_data, device) -> float:
     top1 = knn_top1(encoder, *eval_data, device, cfg.eval.knn_k, cfg.eval.knn_temperature)
     log.info("kNN top-1 %.2f%% (k=%d, %.1fs)", top1, cfg.eval.knn_k, time.perf_counter() - started)
     return top1
+
+
+SHAPING = ("arch", "img_size", "pos_embed", "rel_pos_bias", "layer_scale", "qkv_bias", "mask_token", "global_pool")
+
+
+def init_weights(cfg: Config, model) -> None:
+    """Start from the weights (not the optimizer, not the step) of run.init_from: our checkpoint of the same model
+    and method, or an official MoCo v3 one."""
+    from fastvit_ssl.eval.encoder import read_checkpoint
+
+    state = read_checkpoint(Path(cfg.run.init_from))
+    stored = from_dict(state["config"])
+    diffs = [
+        f"{name}: {a!r} there, {b!r} here"
+        for name, a, b in [("method.name", stored.method.name, cfg.method.name)]
+        + [(f"model.{k}", v, getattr(cfg.model, k)) for k, v in vars(stored.model).items() if k in SHAPING]
+        if a != b
+    ]
+    if diffs:
+        raise CheckpointError(f"run.init_from={cfg.run.init_from} holds another model: {'; '.join(diffs)}")
+    try:
+        model.load_state_dict(state["model"])
+    except RuntimeError as e:  # the heads' widths (moco.dim, ...) differ
+        raise CheckpointError(f"run.init_from={cfg.run.init_from} does not fit this model: {str(e)[:400]}") from None
+    log.info("weights from %s", cfg.run.init_from)
 
 
 def resume(cfg: Config, run_dir: Path, engine) -> tuple[int, float]:

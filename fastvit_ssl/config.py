@@ -141,6 +141,7 @@ class RunConfig:
     ckpt_every: int = 0  # steps between checkpoints; 0: once per epoch
     keep_last: int = 2  # checkpoints kept besides the final one
     resume: str = "auto"  # auto: continue from the newest checkpoint in the run folder | none | a checkpoint path
+    init_from: str = ""  # a new run starts from these weights (ours, or an official MoCo v3 checkpoint), step 0
     stop_at_step: int = 0  # stop (and checkpoint) after this step, as if interrupted; 0: run to the end
     max_minutes: float = 0.0  # stop (checkpoint, exit 3) after this much training in one process; 0: no budget
     max_bad_steps: int = 3  # consecutive non-finite steps (each skipped) before on_nonfinite acts

@@ -226,3 +226,15 @@ def test_export_uses_timm_beit_names():
     state = export.to_timm_state_dict(fine)
     assert "blocks.3.attn.relative_position_bias_table" in state and "blocks.3.attn.relative_position_index" in state
     assert "fc_norm.weight" in state and export.timm_spec(fine)["timm_kwargs"]["global_pool"] == "avg"
+
+
+def test_beit_pretrains_with_the_dalle_tokenizer_from_a_weights_file(tiny_overrides, tmp_path):
+    from safetensors.torch import save_file
+
+    encoder = DalleEncoder(hidden=16, vocab_size=64)  # released names, random weights, small
+    save_file({k: v.contiguous() for k, v in encoder.state_dict().items()}, str(tmp_path / "dalle.safetensors"))
+    dalle = ["beit.tokenizer=dalle", f"beit.tokenizer_path={tmp_path / 'dalle.safetensors'}", "run.name=beit-dalle"]
+    summary = train.main([*tiny_overrides, *BEIT, *dalle])
+    assert summary["steps"] == 6 and not (Path(summary["run_dir"]) / "tokenizer.safetensors").exists()
+    losses = [r["loss"] for r in read_metrics(Path(summary["run_dir"]) / "metrics.jsonl") if "loss" in r]
+    assert len(losses) == 6 and all(0 < v < 2 * math.log(64) for v in losses)

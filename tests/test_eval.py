@@ -39,7 +39,9 @@ def demo_eval_data(run_dir: Path):
 def test_knn_and_linear_probe_beat_a_random_encoder(pretrained_demo):
     encoder, random_encoder, eval_data = demo_eval_data(pretrained_demo)
     knn = [knn_top1(e, *eval_data, CPU) for e in (random_encoder, encoder)]
-    linear = [linear_probe(e, eval_data, CPU, 10, epochs=10)[0] for e in (random_encoder, encoder)]
+    # a short probe; MAE's protocol with a 10x lr for 4,000 images instead of ImageNet (measured 27.4 -> 34.4)
+    probe = dict(protocol="mae", epochs=10, base_lr=1.0)
+    linear = [linear_probe(e, eval_data, CPU, 10, **probe)[0] for e in (random_encoder, encoder)]
     assert knn[1] > knn[0] + 3, knn  # measured: 57.0 -> 63.9 after 3 epochs
     assert linear[1] > linear[0] + 2, linear
 

@@ -1,9 +1,10 @@
 """The pre-trained base encoder out of any checkpoint this project writes, in one place for every evaluation.
 
 Accepted: a local-engine checkpoint (ckpt-*.pt, DDP runs included), a consolidated DeepSpeed checkpoint, a
-DeepSpeed checkpoint folder or run folder (consolidated on the fly), or a run folder of the local engine (its newest
-checkpoint). The encoder's weights are the keys under the method's backbone (`online.base_encoder.` for MoCo v3,
-`online.encoder.` for SiT; older `module.` prefixes stripped).
+DeepSpeed checkpoint folder or run folder (consolidated on the fly), a run folder of the local engine (its newest
+checkpoint), or an official MoCo v3 checkpoint (facebookresearch/moco-v3, see official.py). The encoder's weights
+are the keys under the method's backbone (`online.base_encoder.` for MoCo v3, `online.encoder.` for SiT and BEiT;
+older `module.` prefixes stripped).
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import torch
 from fastvit_ssl import checkpoint
 from fastvit_ssl.checkpoint import CheckpointError
 from fastvit_ssl.config import Config, from_dict
+from fastvit_ssl.eval.official import from_official, is_official
 from fastvit_ssl.methods.build import method_class
 from fastvit_ssl.models.build import build_encoder
 from fastvit_ssl.models.vit import VisionTransformer
@@ -44,7 +46,8 @@ def read_checkpoint(path: Path) -> dict:
                 "a ckpt-*.pt without its .sha256 was never finished. Point --checkpoint at a run folder or a file"
             )
         path = found[-1]
-    return checkpoint.load(path)
+    state = checkpoint.load(path)
+    return from_official(state, str(path)) if is_official(state) else state
 
 
 def encoder_state(model_state: dict[str, torch.Tensor], method: str = "mocov3") -> dict[str, torch.Tensor]:
@@ -87,9 +90,9 @@ def adapt_state(state: dict[str, torch.Tensor], encoder: VisionTransformer) -> d
     """Pre-training weights for an encoder built differently for fine-tuning (BEiT's recipe): a shared relative
     position bias is copied into every block's own, the [MASK] token dropped, and the final norm of the normed
     tokens becomes the norm of their mean (fc_norm)."""
-    state, own = dict(state), encoder.state_dict()
-    shared = state.pop("rel_pos_bias.relative_position_bias_table", None)
-    if shared is not None and "rel_pos_bias.relative_position_bias_table" not in own:
+    state, own, shared_key = dict(state), encoder.state_dict(), "rel_pos_bias.relative_position_bias_table"
+    if shared_key in state and shared_key not in own:
+        shared = state.pop(shared_key)
         for i in range(len(encoder.blocks)):
             state.setdefault(f"blocks.{i}.rel_pos_bias.relative_position_bias_table", shared.clone())
     if "mask_token" not in own:

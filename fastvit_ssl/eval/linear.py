@@ -1,10 +1,16 @@
-"""Linear probe: the frozen encoder's features, BN without affine + one linear layer, SGD (or LARS), cosine.
+"""Linear probe of the frozen encoder's features, by one of two published protocols:
 
-    python -m fastvit_ssl.eval.linear --checkpoint runs/demo [--data ROOT] [--epochs 90] [--random-init]
+    python -m fastvit_ssl.eval.linear --checkpoint runs/demo [--protocol mocov3|mae] [--data ROOT] [--random-init]
 
-Features are extracted once from centre crops and cached (on a CPU this is what makes 90 epochs affordable; the
-official recipe re-augments every epoch, which mostly matters at ImageNet scale). The lr scales with the batch
-(base_lr x batch / 256), as in MoCo v3's linear classification.
+- `mocov3` (the default for MoCo v3 checkpoints; comparable with the MoCo v3 paper's linear numbers): the official
+  main_lincls.py, the ViT's Linear head alone (N(0, 0.01) init, zero bias), SGD momentum 0.9, no weight decay,
+  lr 3 x batch / 256 (the official ViT setting), batch 1024, 90 epochs, cosine stepped once per epoch.
+- `mae` (the default for SiT and BEiT checkpoints; comparable with MAE-style probes): BatchNorm without affine
+  parameters in front of the Linear head, LARS, lr 0.1 x batch / 256, batch 16,384, 90 epochs, cosine per step.
+
+Both train on features extracted once from centre crops and cached (on a CPU this is what makes 90 epochs
+affordable; the official scripts re-augment every epoch with random resized crops and flips, which mostly matters
+at ImageNet scale). --epochs, --batch and --base-lr override the protocol's values.
 """
 
 from __future__ import annotations
@@ -30,30 +36,45 @@ def topk_accuracy(scores: torch.Tensor, labels: torch.Tensor, ks=(1, 5)) -> list
     return [100.0 * (top[:, :k] == labels[:, None]).any(dim=1).float().mean().item() for k in ks]
 
 
+PROTOCOLS = {
+    "mocov3": dict(epochs=90, batch=1024, base_lr=3.0),
+    "mae": dict(epochs=90, batch=16384, base_lr=0.1),
+}
+
+
+def make_head(dim: int, num_classes: int, protocol: str) -> nn.Module:
+    """Linear(dim, classes), N(0, 0.01) weights and zero bias; `mae` puts BN without affine parameters before it."""
+    linear = nn.Linear(dim, num_classes)
+    nn.init.normal_(linear.weight, std=0.01)
+    nn.init.zeros_(linear.bias)
+    if protocol == "mocov3":
+        return linear
+    return nn.Sequential(nn.BatchNorm1d(dim, affine=False, eps=1e-6), linear)
+
+
 def train_head(
     train_f,
     train_y,
     val_f,
     val_y,
     num_classes: int,
-    epochs: int = 90,
-    batch: int = 256,
-    base_lr: float = 0.1,
-    optimizer: str = "sgd",
+    protocol: str = "mocov3",
+    epochs: int | None = None,
+    batch: int | None = None,
+    base_lr: float | None = None,
     seed: int = 0,
 ) -> tuple[float, float]:
-    """(top-1, top-5) in percent of BN + linear trained on cached features."""
+    """(top-1, top-5) in percent of the protocol's head trained on cached features (None: the protocol's value)."""
     torch.manual_seed(seed)
-    head = nn.Sequential(
-        nn.BatchNorm1d(train_f.shape[1], affine=False, eps=1e-6), nn.Linear(train_f.shape[1], num_classes)
-    )
-    nn.init.normal_(head[1].weight, std=0.01)
-    nn.init.zeros_(head[1].bias)
+    settings = PROTOCOLS[protocol]
+    epochs, base_lr = epochs or settings["epochs"], base_lr or settings["base_lr"]
+    batch = min(batch or settings["batch"], len(train_f))  # a small data set: one batch per epoch
+    head = make_head(train_f.shape[1], num_classes, protocol)
     lr = base_lr * batch / 256
     opt = (
-        LARS(head.parameters(), lr=lr, momentum=0.9)
-        if optimizer == "lars"
-        else torch.optim.SGD(head.parameters(), lr=lr, momentum=0.9)
+        torch.optim.SGD(head.parameters(), lr=lr, momentum=0.9, weight_decay=0.0)
+        if protocol == "mocov3"
+        else LARS(head.parameters(), lr=lr, momentum=0.9)
     )
     steps_per_epoch = max(1, len(train_f) // batch)
     total = epochs * steps_per_epoch
@@ -62,8 +83,10 @@ def train_head(
         if step % steps_per_epoch == 0:
             order = torch.randperm(len(train_f), generator=generator)
         idx = order[(step % steps_per_epoch) * batch :][:batch]
+        # cosine per epoch (main_lincls.py's adjust_learning_rate) or per step (MAE)
+        progress = (step // steps_per_epoch) / epochs if protocol == "mocov3" else step / total
         for group in opt.param_groups:
-            group["lr"] = lr * 0.5 * (1 + math.cos(math.pi * step / total))
+            group["lr"] = lr * 0.5 * (1 + math.cos(math.pi * progress))
         loss = nn.functional.cross_entropy(head(train_f[idx]), train_y[idx])
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -83,14 +106,15 @@ def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--checkpoint", type=Path, required=True, help="checkpoint, run or DeepSpeed folder")
     parser.add_argument("--data", type=Path, help="folder with train/ and val/ (default: the run's data)")
-    parser.add_argument("--epochs", type=int, default=90)
-    parser.add_argument("--batch", type=int, default=256)
-    parser.add_argument("--base-lr", type=float, default=0.1)
-    parser.add_argument("--optimizer", choices=["sgd", "lars"], default="sgd")
+    parser.add_argument("--protocol", choices=["auto", *PROTOCOLS], default="auto", help="auto: mocov3 for MoCo v3")
+    parser.add_argument("--epochs", type=int, help="default: the protocol's (90)")
+    parser.add_argument("--batch", type=int, help="default: the protocol's (1024 mocov3, 16384 mae)")
+    parser.add_argument("--base-lr", type=float, help="default: the protocol's (3.0 mocov3, 0.1 mae)")
     parser.add_argument("--random-init", action="store_true", help="probe a randomly initialised encoder instead")
     args = parser.parse_args(argv)
     started = time.perf_counter()
     encoder, cfg = load_encoder(args.checkpoint)
+    protocol = args.protocol if args.protocol != "auto" else ("mocov3" if cfg.method.name == "mocov3" else "mae")
     if args.random_init:
         encoder = random_encoder(cfg)
     root = labelled_root(args.data or resolve_root(cfg))
@@ -101,12 +125,13 @@ def main(argv: list[str] | None = None) -> dict:
         build_eval_data(cfg, root, train_samples, classes),
         device,
         len(classes),
+        protocol=protocol,
         epochs=args.epochs,
         batch=args.batch,
         base_lr=args.base_lr,
-        optimizer=args.optimizer,
     )
-    return print_result({"linear_top1": top1, "linear_top5": top5, "random_init": args.random_init}, started)
+    result = {"linear_top1": top1, "linear_top5": top5, "protocol": protocol, "random_init": args.random_init}
+    return print_result(result, started)
 
 
 if __name__ == "__main__":

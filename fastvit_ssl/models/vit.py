@@ -336,7 +336,8 @@ class VisionTransformer(nn.Module):
                     nn.init.uniform_(module.weight, -bound, bound)
                 else:
                     nn.init.xavier_uniform_(module.weight)
-                nn.init.zeros_(module.bias)
+                if module.bias is not None:
+                    nn.init.zeros_(module.bias)
         nn.init.normal_(self.cls_token, std=1e-6)
         if isinstance(self.patch_embed, PatchEmbed):
             proj = self.patch_embed.proj  # xavier over the unrolled (C * p * p) -> D matrix
