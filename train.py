@@ -20,7 +20,7 @@ from pathlib import Path
 
 import torch
 
-from fastvit_ssl import checkpoint, cli, distributed, runinfo
+from fastvit_ssl import checkpoint, cli, distributed, runinfo, viz
 from fastvit_ssl.checkpoint import CheckpointError, IncompatibleCheckpoint
 from fastvit_ssl.config import Config, ConfigError, from_dict, load
 from fastvit_ssl.data.build import build_eval_data, build_train_data, resolve_root
@@ -108,6 +108,7 @@ def main(argv: list[str] | None = None) -> dict:
         summary["knn_top1_pretrained"] = knn_check(cfg, model, eval_data, device, run_dir)
         monitor.record(0, {"knn_top1": summary["knn_top1_random"]})  # the curve starts from the random encoder
         monitor.record(step, {"knn_top1": summary["knn_top1_pretrained"]})
+        summary["pictures"] = [str(p) for p in viz.run_pictures(model.backbone, data_root, run_dir)]
     plot = monitor.close()
     summary["wall_seconds"] = time.perf_counter() - started
     if distributed.is_main():
@@ -282,6 +283,7 @@ def pick_device(name: str) -> torch.device:
 def setup_logging() -> None:
     logging.basicConfig(format="%(asctime)s %(message)s", datefmt="%H:%M:%S", stream=sys.stdout)
     logging.getLogger().setLevel(logging.INFO if distributed.is_main() else logging.WARNING)
+    logging.getLogger("matplotlib").setLevel(logging.ERROR)  # its one-time "building the font cache" notice
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:

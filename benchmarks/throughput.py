@@ -271,6 +271,13 @@ def run(setups: list[Setup], device: torch.device, steps: int, peak: float) -> l
     return [row(trainer, t, peak, max(2, steps // 2)) for trainer, t in zip(trainers, times)]
 
 
+def paired_ratios(ours: dict, base: dict) -> list[float]:
+    """baseline / ours step time round by round (the two were timed alternately, so each pair shares the machine's
+    state at that moment)."""
+    a, b = (list(map(float, r["step_ms_samples"].split())) for r in (ours, base))
+    return sorted(y / x for x, y in zip(a, b))
+
+
 def row(trainer: Trainer, times: list[float], peak: float, phase_reps: int) -> dict:
     setup, median = trainer.setup, statistics.median(times)
     flops = step_flops(trainer.cfg, setup.batch, keys=setup.batch)
@@ -291,6 +298,7 @@ def row(trainer: Trainer, times: list[float], peak: float, phase_reps: int) -> d
         "step_ms": round(median * 1e3, 2),
         "step_ms_min": round(min(times) * 1e3, 2),
         "step_ms_max": round(max(times) * 1e3, 2),
+        "step_ms_samples": " ".join(f"{t * 1e3:.3f}" for t in times),
         "TFLOP/s": round(flops / median / 1e12, 3),
         "MFU": round(flops / median / 1e12 / peak, 4),
         "peak_TFLOP/s": round(peak, 2),
@@ -299,21 +307,25 @@ def row(trainer: Trainer, times: list[float], peak: float, phase_reps: int) -> d
     }
 
 
+class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
+    """The docstring as written, and every option's default."""
+
+
 def main(argv=None) -> list[dict]:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     methods = ["mocov3", "sit", "beit", "all"]
     parser.add_argument("--method", default="mocov3", choices=methods, help="all: with --suite")
-    parser.add_argument("--arch", default="vit_small", choices=sorted(ARCH_SPECS))
-    parser.add_argument("--batch", type=int, default=32)
-    parser.add_argument("--img-size", type=int, default=224)
+    parser.add_argument("--arch", default="vit_small", choices=sorted(ARCH_SPECS), help="the ViT")
+    parser.add_argument("--batch", type=int, default=32, help="images per step (one device)")
+    parser.add_argument("--img-size", type=int, default=224, help="pixels")
     parser.add_argument(
         "--precision",
         choices=["fp32", "bf16", "fp16"],
         default=None,
         help="default: bf16 (ours) / fp16 AMP (baseline) on CUDA, fp32 on CPU",
     )
-    parser.add_argument("--kernels", choices=["fused", "reference"], default="fused")
-    parser.add_argument("--attention", choices=sorted(ATTENTION), default="default")
+    parser.add_argument("--kernels", choices=["fused", "reference"], default="fused", help="ours (CUDA only)")
+    parser.add_argument("--attention", choices=sorted(ATTENTION), default="default", help="SDPA's backend")
     parser.add_argument("--baseline", action="store_true", help="the official MoCo v3 code's way")
     parser.add_argument("--data", type=Path, help="an ImageFolder root with train/ (default: synthetic tensors)")
     parser.add_argument("--backend", choices=["auto", "torch", "dali"], default="auto", help="with --data")
@@ -321,7 +333,7 @@ def main(argv=None) -> list[dict]:
     parser.add_argument("--compile", action="store_true", help="ours with model.compile=true (compiled blocks)")
     parser.add_argument("--compare", action="store_true", help="ours and the baseline, with their ratio")
     parser.add_argument("--suite", action="store_true", help="SUITE's cases of --method, both modes")
-    parser.add_argument("--steps", type=int, default=6)
+    parser.add_argument("--steps", type=int, default=6, help="timed rounds (ours and the baseline alternate)")
     parser.add_argument("--out", type=Path, help="CSV (and a .json beside it)")
     args = parser.parse_args(argv)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -368,31 +380,28 @@ def main(argv=None) -> list[dict]:
 
 
 def print_summary(rows: list[dict]) -> None:
+    """Two narrow tables (the CSV has every column) and each comparison's ratio with its spread."""
     print(
         f"{rows[0]['device']} | torch {rows[0]['torch']} | commit {rows[0]['commit'][:12]} | "
         f"peak {rows[0]['peak_TFLOP/s']} TFLOP/s (measured matmul)"
     )
-    columns = [
-        "mode",
-        "method",
-        "arch",
-        "batch",
-        "precision",
-        "kernels",
-        "views",
-        "compiled",
-        "images_per_second",
-        "step_ms",
-        "TFLOP/s",
-        "MFU",
-        "peak_memory_GiB",
-        *[f"{p} ms" for p in PHASES],
-    ]
-    print_table(rows, columns)
+    for r in rows:
+        r["step ms (min-max)"] = f"{r['step_ms']} ({r['step_ms_min']}-{r['step_ms_max']})"
+        r["setup"] = f"{r['precision']} {r['kernels']}{' compiled' if r['compiled'] else ''} {r['views']}"
+    print_table(rows, ["mode", "method", "arch", "batch", "setup", "images_per_second", "step ms (min-max)", "MFU"])
+    print("\nper phase, median ms (synchronised at each boundary):")
+    print_table(rows, ["mode", "arch", *[f"{p} ms" for p in PHASES]])
     for ours, base in zip(rows[::2], rows[1::2]):
         if ours["mode"] == "ours" and base["mode"] == "baseline" and ours["arch"] == base["arch"]:
-            ratio = base["step_ms"] / ours["step_ms"]  # from unrounded step times
-            print(f"{ours['arch']} batch {ours['batch']}: ours / baseline = {ratio:.2f}x")
+            ratios = paired_ratios(ours, base)
+            ratio, low, high = base["step_ms"] / ours["step_ms"], ratios[0], ratios[-1]
+            verdict = "within noise" if low <= 1.0 <= high else ("faster" if low > 1.0 else "slower")
+            print(
+                f"{ours['arch']} batch {ours['batch']}: ours / baseline = {ratio:.2f}x "
+                f"(per round {low:.2f}-{high:.2f} over {len(ratios)} rounds: {verdict})"
+            )
+            if verdict == "within noise" or len(ratios) < 5:
+                print("  the rounds disagree or are few: more --steps, or a quieter machine, before reading this")
 
 
 if __name__ == "__main__":

@@ -280,7 +280,11 @@ def validate(cfg: Config) -> None:
         (0 <= cfg.optim.momentum < 1, "optim.momentum must lie in [0, 1)"),
         (cfg.optim.trust_coefficient > 0, "optim.trust_coefficient must be positive"),
         (cfg.optim.epochs > 0, "optim.epochs must be positive"),
-        (0 <= cfg.optim.warmup_epochs < cfg.optim.epochs, "optim.warmup_epochs must lie in [0, optim.epochs)"),
+        (
+            0 <= cfg.optim.warmup_epochs < cfg.optim.epochs,
+            f"optim.warmup_epochs={cfg.optim.warmup_epochs:g} must lie in [0, optim.epochs={cfg.optim.epochs}): "
+            "lower the warm-up or raise optim.epochs",
+        ),
         (cfg.optim.clip_grad >= 0, "optim.clip_grad must be >= 0 (0 disables clipping)"),
         (cfg.eval.knn_k > 0, "eval.knn_k must be positive"),
         (cfg.eval.knn_temperature > 0, "eval.knn_temperature must be positive"),

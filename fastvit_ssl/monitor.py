@@ -17,6 +17,7 @@ import torch
 from fastvit_ssl.progress import format_seconds
 
 log = logging.getLogger(__name__)
+LINE_SECONDS = 30.0  # the longest silence between progress lines
 
 
 class Monitor:
@@ -63,10 +64,12 @@ class Monitor:
             self.path.write_text("".join(json.dumps(r) + "\n" for r in rows))
 
     def train_step(self, step: int, epoch: float, metrics: dict[str, torch.Tensor | float]) -> None:
-        """Record step `step` (1-based); print a line every log_every steps and at the last step."""
+        """Record step `step` (1-based); print a line every log_every steps, at least every LINE_SECONDS (slow steps
+        on real data), and at the last step."""
         self.pending.append((step, epoch, metrics))
         self.window_steps += 1
-        if step % self.log_every and step != self.total_steps:
+        due = time.perf_counter() - self.window_start >= LINE_SECONDS
+        if step % self.log_every and step != self.total_steps and not due:
             return
         elapsed = time.perf_counter() - self.window_start
         speed = self.window_steps * self.images_per_step / max(elapsed, 1e-9)
@@ -178,8 +181,12 @@ def plot_metrics(rows: list[dict], out: Path) -> Path | None:
     panels = [p for p in panels if any(k in r for r in rows for k in p[1])]
     if not panels:
         return None
-    fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 3.4), squeeze=False)
-    for ax, (title, keys, event) in zip(axes[0], panels):
+    cols = min(3, len(panels))  # a grid, 3 panels a row: readable at any number of panels
+    rows_n = -(-len(panels) // cols)
+    fig, axes = plt.subplots(rows_n, cols, figsize=(4.6 * cols, 3.4 * rows_n), squeeze=False)
+    for ax in axes.flat[len(panels) :]:
+        ax.set_visible(False)
+    for ax, (title, keys, event) in zip(axes.flat, panels):
         for key in keys:
             points = sorted((r["step"], r[key]) for r in rows if key in r and "event" not in r)
             ax.plot(

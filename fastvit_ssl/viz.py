@@ -104,8 +104,11 @@ def attention_picture(encoder: VisionTransformer, files: list[Path], out: Path) 
     return plot_attention(images, class_attention(encoder, images).float().cpu(), out)
 
 
-def neighbours_picture(encoder: VisionTransformer, root: Path, out: Path, k: int = 5, queries: int = 8) -> Path:
-    """Nearest training images of one validation image per class (up to `queries`)."""
+def neighbours_picture(
+    encoder: VisionTransformer, root: Path, out: Path, k: int = 5, queries: int = 8, gallery: int = 0
+) -> Path:
+    """Nearest training images of one validation image per class (up to `queries`), searched among all training
+    images or, with `gallery`, that many spread evenly over them."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -113,6 +116,8 @@ def neighbours_picture(encoder: VisionTransformer, root: Path, out: Path, k: int
 
     size = encoder.patch_embed.img_size
     train, classes = scan_image_folder(root / "train")
+    if gallery and len(train) > gallery:
+        train = train[:: len(train) // gallery][:gallery]
     val, _ = scan_image_folder(root / "val", classes)
     first: dict[int, tuple[str, int]] = {}
     for path, label in val:
@@ -141,6 +146,15 @@ def neighbours_picture(encoder: VisionTransformer, root: Path, out: Path, k: int
     fig.savefig(out, dpi=100)
     plt.close(fig)
     return out
+
+
+def run_pictures(encoder: VisionTransformer, root: Path, run_dir: Path) -> list[Path]:
+    """The end of a run with labelled data: attention.png (6 validation images) and neighbours.png (among up to
+    20,000 training images: seconds on a GPU even for ImageNet)."""
+    return [
+        attention_picture(encoder, image_files([root / "val"], 6), run_dir / "attention.png"),
+        neighbours_picture(encoder, root, run_dir / "neighbours.png", gallery=20_000),
+    ]
 
 
 def main(argv: list[str] | None = None) -> Path:

@@ -38,7 +38,7 @@ def test_yaml_then_cli_overrides(tmp_path):
         ("optim.base_lr=-0.1", "optim.base_lr must be positive"),
         ("optim.name=adam", "is not one of adamw, lars, lamb"),
         ("model.img_size=230", "multiple of vit_base's patch 16"),
-        ("optim.warmup_epochs=400", "warmup_epochs must lie in [0, optim.epochs)"),
+        ("optim.warmup_epochs=400", "optim.warmup_epochs=400 must lie in [0, optim.epochs=300)"),
         ("lr", "must look like section.key=value"),
         ("optim.base_lr.x=1", "must name section.key"),
     ],

@@ -118,11 +118,15 @@ def test_corrupt_images_are_replaced_and_counted(tmp_path, caplog):
     files[3].write_text("not an image")
     Image.new("CMYK", (20, 20), (10, 20, 30, 0)).save(files[4])  # CMYK JPEG: readable, converted to RGB
     samples, _ = scan_image_folder(root)
+    loader = TorchViewLoader(samples, moco_v3_views(16), 6, 0, 1, seed=0, num_workers=0)
     with caplog.at_level(logging.WARNING):
-        batch = next(iter(TorchViewLoader(samples, moco_v3_views(16), 6, 0, 1, seed=0, num_workers=0)))
+        batch = next(iter(loader))
     assert [v.shape for v in batch.views] == [(6, 3, 16, 16)] * 2  # the batch stays full
     assert batch.skipped >= 3  # each bad file is skipped at least once (more when several samples hit it)
     assert "skipping unreadable image" in caplog.text and str(files[1]) in caplog.text
+    caplog.clear()
+    loader.start(1)
+    assert next(iter(loader)).skipped >= 3 and "skipping unreadable image" not in caplog.text  # warned once
     for bad in files[:4]:
         bad.write_bytes(b"")
     dataset = MultiViewDataset([(str(f), 0) for f in files[:4]], moco_v3_views(16))

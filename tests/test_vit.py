@@ -27,16 +27,34 @@ def test_vit_small_has_twelve_heads_as_in_moco_v3():
     assert ARCH_SPECS["vit_small"].num_heads == 12
 
 
-def test_sincos_position_embedding():
-    grid, dim = 3, 8
+def official_sincos(grid: int, dim: int, temperature: float = 10000.0) -> torch.Tensor:
+    """MoCo v3's vits.py build_2d_sincos_position_embedding, re-derived step by step (fp32, default meshgrid)."""
+    grid_w, grid_h = torch.meshgrid(torch.arange(grid, dtype=torch.float32), torch.arange(grid, dtype=torch.float32))
+    omega = 1.0 / (temperature ** (torch.arange(dim // 4, dtype=torch.float32) / (dim // 4)))
+    out_w = torch.einsum("m,d->md", grid_w.flatten(), omega)
+    out_h = torch.einsum("m,d->md", grid_h.flatten(), omega)
+    table = torch.cat([out_w.sin(), out_w.cos(), out_h.sin(), out_h.cos()], dim=1)[None]
+    return torch.cat([torch.zeros(1, 1, dim), table], dim=1)
+
+
+@pytest.mark.parametrize("grid, dim", [(3, 8), (14, 384), (14, 768)])
+def test_sincos_position_embedding_is_the_official_one(grid, dim):
     table = sincos_pos_embed(grid, dim)
-    assert table.shape == (1, 1 + grid * grid, dim)
-    assert torch.all(table[0, 0] == 0)  # class token position
-    row, col = 1, 2
-    omega = torch.tensor([1.0, 1.0 / 100.0], dtype=torch.float64)  # 1 / 10000^(i / (dim/4)), dim/4 = 2
-    expected = torch.cat([(col * omega).sin(), (col * omega).cos(), (row * omega).sin(), (row * omega).cos()])
+    assert table.shape == (1, 1 + grid * grid, dim) and torch.all(table[0, 0] == 0)  # class token position
+    assert torch.equal(table, official_sincos(grid, dim))
+    row, col = 1, 2  # the first half encodes the patch's row
+    omega = 1.0 / 10000 ** (torch.arange(dim // 4, dtype=torch.float64) / (dim // 4))
+    expected = torch.cat([(row * omega).sin(), (row * omega).cos(), (col * omega).sin(), (col * omega).cos()])
     torch.testing.assert_close(table[0, 1 + row * grid + col], expected.float())
     assert len({tuple(t.tolist()) for t in table[0, 1:]}) == grid * grid  # every position distinct
+
+
+def test_a_checkpoint_with_the_old_table_keeps_it_and_says_so(caplog):
+    old = VisionTransformer("vit_demo", 28)
+    old.pos_embed.data = sincos_pos_embed(4, 192, row_first=False)
+    new = VisionTransformer("vit_demo", 28)
+    new.load_state_dict(old.state_dict())
+    assert torch.equal(new.pos_embed, old.pos_embed) and "halves swapped" in caplog.text
 
 
 def test_moco_v3_initialisation_and_frozen_patch_projection():

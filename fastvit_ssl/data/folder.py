@@ -70,6 +70,9 @@ def load_rgb(path: str) -> Image.Image:
         return img.convert("RGB")
 
 
+WARNED: set[str] = set()  # unreadable files already reported by this process
+
+
 def first_readable(samples: list[tuple[str, int]], index: int, attempts: int = 16) -> tuple[Image.Image, int, int]:
     """(image, label, number of unreadable files skipped): sample `index`, or the next readable one after it.
 
@@ -80,7 +83,9 @@ def first_readable(samples: list[tuple[str, int]], index: int, attempts: int = 1
         try:
             return load_rgb(path), label, offset
         except (OSError, ValueError, Image.DecompressionBombError, SyntaxError) as e:
-            log.warning("skipping unreadable image %s (%s: %s)", path, type(e).__name__, e)
+            if path not in WARNED:  # once per file and loader process, not every epoch
+                WARNED.add(path)
+                log.warning("skipping unreadable image %s (%s: %s)", path, type(e).__name__, e)
     raise DataError(
         f"{attempts} consecutive unreadable images from {samples[index][0]}; "
         "check the data with `python -m fastvit_ssl.data.check DIR`"

@@ -21,12 +21,14 @@ from __future__ import annotations
 
 import argparse
 import json
+import time
 from pathlib import Path
 
 import torch
 
 from fastvit_ssl.checkpoint import CheckpointError
 from fastvit_ssl.eval.encoder import load_encoder, load_weights
+from fastvit_ssl.eval.report import print_result
 from fastvit_ssl.models.vit import ARCH_SPECS, VisionTransformer
 
 TIMM_NAMES = {
@@ -95,7 +97,10 @@ def timm_spec(encoder: VisionTransformer) -> dict:
         "init_values": layer_scale(encoder),
         "num_classes": 0,
     }
-    return {"timm_model": TIMM_NAMES.get(encoder.arch, "vit_base_patch16_224"), "timm_kwargs": kwargs}
+    if encoder.arch in TIMM_NAMES:
+        return {"timm_model": TIMM_NAMES[encoder.arch], "timm_kwargs": kwargs}
+    note = f"timm has no {encoder.arch}: the name only picks its ViT constructor, the kwargs set every dimension"
+    return {"timm_model": "vit_base_patch16_224", "timm_kwargs": kwargs, "note": note}
 
 
 def to_timm_state_dict(encoder: VisionTransformer) -> dict[str, torch.Tensor]:
@@ -142,7 +147,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--checkpoint", type=Path, required=True, help="checkpoint, run or DeepSpeed folder")
     parser.add_argument("--out", type=Path, required=True, help="FILE.safetensors (FILE.json is written beside)")
     args = parser.parse_args(argv)
-    print(f"wrote {export(args.checkpoint, args.out)} and {args.out.with_suffix('.json')}")
+    started = time.perf_counter()
+    out = export(args.checkpoint, args.out)
+    spec = json.loads(out.with_suffix(".json").read_text())
+    print_result({"weights": str(out), "spec": str(out.with_suffix(".json")), **spec}, started)
     return 0
 
 

@@ -6,6 +6,7 @@ unchanged."""
 
 from __future__ import annotations
 
+import logging
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -16,6 +17,8 @@ import torch.utils.checkpoint
 from torch import nn
 
 from fastvit_ssl.data.augment import IMAGENET_MEAN, IMAGENET_STD
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -40,22 +43,25 @@ ARCH_SPECS = {
 }
 
 
-def sincos_pos_embed(grid: int, dim: int, temperature: float = 10000.0) -> torch.Tensor:
+def sincos_pos_embed(grid: int, dim: int, temperature: float = 10000.0, row_first: bool = True) -> torch.Tensor:
     """Fixed 2-D sin-cos embedding, [1, 1 + grid*grid, dim]; the first row (class token) is zero.
 
-    A token at row i, column j gets [sin(j w), cos(j w), sin(i w), cos(i w)] with dim/4 frequencies w.
+    The patch at row i, column j gets [sin(i w), cos(i w), sin(j w), cos(j w)] with dim/4 frequencies
+    w_k = 1 / temperature^(k / (dim/4)), computed in fp32 as MoCo v3's vits.py does, so that the table equals the
+    official one bit for bit (its meshgrid(grid_w, grid_h) puts the row first). row_first=False gives the table
+    this project used before 2026-12-01 (halves swapped), to recognise checkpoints made with it.
     """
     if dim % 4:
         raise ValueError(f"embed_dim {dim} must be divisible by 4 for the 2-D sin-cos position embedding")
-    omega = 1.0 / temperature ** (torch.arange(dim // 4, dtype=torch.float64) / (dim // 4))  # (dim/4,)
+    omega = 1.0 / temperature ** (torch.arange(dim // 4, dtype=torch.float32) / (dim // 4))  # (dim/4,)
     rows, cols = torch.meshgrid(
-        torch.arange(grid, dtype=torch.float64), torch.arange(grid, dtype=torch.float64), indexing="ij"
+        torch.arange(grid, dtype=torch.float32), torch.arange(grid, dtype=torch.float32), indexing="ij"
     )
-    angle_col = cols.reshape(-1, 1) * omega  # (L, dim/4)
-    angle_row = rows.reshape(-1, 1) * omega
-    table = torch.cat([angle_col.sin(), angle_col.cos(), angle_row.sin(), angle_row.cos()], dim=1)  # (L, dim)
-    table = torch.cat([torch.zeros(1, dim, dtype=torch.float64), table], dim=0)
-    return table.float().unsqueeze(0)
+    angle_row = rows.flatten()[:, None] * omega  # (L, dim/4)
+    angle_col = cols.flatten()[:, None] * omega
+    first, second = (angle_row, angle_col) if row_first else (angle_col, angle_row)
+    table = torch.cat([first.sin(), first.cos(), second.sin(), second.cos()], dim=1)  # (L, dim)
+    return torch.cat([torch.zeros(1, dim), table], dim=0).unsqueeze(0)
 
 
 class PatchEmbed(nn.Module):
@@ -312,6 +318,18 @@ class VisionTransformer(nn.Module):
         if isinstance(self.patch_embed, PatchEmbed):
             freeze = frozen_patch_embed and not spec.conv_stem
             self.patch_embed.proj.requires_grad_(not freeze)
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        table = state_dict.get(prefix + "pos_embed")
+        if self.pos_embed_kind == "sincos" and table is not None and not torch.equal(table, self.pos_embed.data):
+            grid, dim = int(round((table.shape[1] - 1) ** 0.5)), table.shape[2]
+            if torch.allclose(table.float().cpu(), sincos_pos_embed(grid, dim, row_first=False), atol=1e-5):
+                log.warning(
+                    "this checkpoint's fixed position table has its halves swapped against MoCo v3's official one "
+                    "(made before 2026-12-01); it is kept, as the weights were trained with it. Runs started now "
+                    "use the official table"
+                )
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def _init_trunc_normal(self, rescale_depth: bool = False) -> None:
         for module in self.modules():
