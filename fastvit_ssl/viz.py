@@ -40,10 +40,11 @@ def class_attention(encoder: VisionTransformer, images: torch.Tensor) -> torch.T
     weight, qkv_bias = attn.qkv.weight, attn.qkv.bias
     if qkv_bias is None:
         qkv_bias = torch.cat([attn.q_bias, torch.zeros_like(attn.v_bias), attn.v_bias])
-    q, k, _ = F.linear(x, weight, qkv_bias).view(B, T, 3, attn.num_heads, D // attn.num_heads).unbind(2)
+    qkv = F.linear(x, weight, qkv_bias).float()  # (B, T, 3 D)
+    q, k, _ = qkv.view(B, T, 3, attn.num_heads, D // attn.num_heads).unbind(2)
     logits = torch.einsum("bhd,bthd->bht", q[:, 0], k) / (D // attn.num_heads) ** 0.5  # (B, heads, T)
     if bias is not None:
-        logits = logits + bias[:, :, 0]
+        logits = logits + bias[:, :, 0].float()
     weights = logits.softmax(-1)[:, :, 1:]  # (B, heads, L): the class token's attention to each patch
     grid = encoder.patch_embed.img_size // encoder.patch_embed.patch_size
     return weights.reshape(B, attn.num_heads, grid, grid)
@@ -99,9 +100,10 @@ def plot_attention(images: torch.Tensor, maps: torch.Tensor, out: Path) -> Path:
 
 
 def attention_picture(encoder: VisionTransformer, files: list[Path], out: Path) -> Path:
-    size = encoder.patch_embed.img_size
+    size, weight = encoder.patch_embed.img_size, next(encoder.parameters())
     images = torch.stack([eval_transform(load_rgb(str(f)), size) for f in files])
-    return plot_attention(images, class_attention(encoder, images).float().cpu(), out)
+    maps = class_attention(encoder, images.to(weight.device, weight.dtype))  # bf16 weights under DeepSpeed
+    return plot_attention(images, maps.float().cpu(), out)
 
 
 def neighbours_picture(

@@ -80,7 +80,9 @@ def test_zero_partitioned_lamb_matches_the_single_process_reference(results):
     ours, reference = results[0]["lamb-zero2"]["weights"], results[1]["lamb-zero0"]["weights"]
     # Matrices carry the trust ratios. Vectors take plain Adam steps, which turn gradients that are zero up to
     # rounding (e.g. the key part of the qkv bias) into full-size steps of random sign, in any two runs.
-    assert max_diff(ours, reference, matrices_only=True) < 1e-4  # measured: 7e-6
+    # measured 4e-4 (7e-6 before the position table changed: Adam-like steps of near-zero gradients turn any
+    # rounding difference into chaos); trust ratios over shards instead of tensors differ by > 1 (the control below)
+    assert max_diff(ours, reference, matrices_only=True) < 2e-3
 
 
 def test_per_shard_trust_ratios_would_be_wrong(results):

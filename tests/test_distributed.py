@@ -34,4 +34,5 @@ def test_two_processes_equal_one_process(tmp_path, method):
     assert one["grads"].keys() == two["grads"].keys() and len(one["grads"]) > 50
     scale = max(g.abs().max() for g in one["grads"].values())
     for name, grad in one["grads"].items():
-        torch.testing.assert_close(two["grads"][name], grad, rtol=1e-4, atol=1e-6 * scale, msg=name)
+        # fp32 sums of 8 samples against 2 x 4: measured up to 1.5e-6 of the largest gradient (SiT's class token)
+        torch.testing.assert_close(two["grads"][name], grad, rtol=1e-4, atol=1e-5 * scale, msg=name)
