@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import logging
 import statistics
+import sys
 import time
 from collections import deque
 from pathlib import Path
@@ -53,6 +54,7 @@ class Monitor:
             except ImportError:
                 pass
         self.window_start, self.window_steps = time.perf_counter(), 0
+        self.bar = ProgressBar(total_steps, start_step) if enabled and sys.stderr.isatty() else None
         self.recent_losses: deque[float] = deque(maxlen=50)
         self.best_knn = float("-inf")
 
@@ -70,7 +72,11 @@ class Monitor:
         self.window_steps += 1
         due = time.perf_counter() - self.window_start >= LINE_SECONDS
         if step % self.log_every and step != self.total_steps and not due:
+            if self.bar is not None:
+                self.bar.draw(step, self.images_per_step)
             return
+        if self.bar is not None:
+            self.bar.clear()
         elapsed = time.perf_counter() - self.window_start
         speed = self.window_steps * self.images_per_step / max(elapsed, 1e-9)
         self.window_start, self.window_steps = time.perf_counter(), 0
@@ -142,6 +148,32 @@ class Monitor:
         if self.tb is not None:
             self.tb.close()
         return plot_metrics(read_metrics(self.path), self.path.parent / "training_curves.png")
+
+
+class ProgressBar:
+    """On a terminal, between the log lines: `[#####.......]  45% step 108/240 | 512 img/s | ETA 0m31s` on stderr,
+    redrawn in place at most 5 times a second (no device sync: steps and wall time only)."""
+
+    def __init__(self, total: int, start: int):
+        self.total, self.start, self.started, self.last = total, start, time.perf_counter(), 0.0
+
+    def draw(self, step: int, images_per_step: int) -> None:
+        now = time.perf_counter()
+        if now - self.last < 0.2:
+            return
+        self.last = now
+        done = step / max(self.total, 1)
+        speed = (step - self.start) * images_per_step / max(now - self.started, 1e-9)
+        eta = (self.total - step) * images_per_step / max(speed, 1e-9)
+        bar = "#" * int(24 * done)
+        line = f"[{bar:<24}] {100 * done:3.0f}% step {step}/{self.total} | {speed:.0f} img/s"
+        line += f" | ETA {format_seconds(eta)}"
+        sys.stderr.write("\r" + line + "\033[K")
+        sys.stderr.flush()
+
+    def clear(self) -> None:
+        sys.stderr.write("\r\033[K")
+        sys.stderr.flush()
 
 
 def read_metrics(path: Path) -> list[dict]:
