@@ -300,8 +300,8 @@ def count_step(setup: Setup, gpu: str) -> dict[str, Cost]:
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(setup.precision)
     with as_on_cuda(dtype), planning_for(GPUS[gpu]["target"]), recording() as calls:
         trainer = Trainer(setup, torch.device("meta"))
-        for group in trainer.optimizer.param_groups:  # torch's CUDA choice: fused (ours), foreach (its default)
-            if isinstance(trainer.optimizer, torch.optim.AdamW):
+        if isinstance(trainer.optimizer, torch.optim.AdamW):  # torch's CUDA choice: fused (ours), foreach (its default)
+            for group in trainer.optimizer.param_groups:
                 group["fused"], group["foreach"] = not setup.baseline, setup.baseline
         with StepCounter(dtype):
             trainer.step()  # optimizer state, autocast's first casts
