@@ -54,3 +54,9 @@ def test_gpu_suite_rehearsal_runs_every_part(tmp_path):
         assert (tmp_path / name).stat().st_size > 0, name
     with (tmp_path / "throughput-compiled-0.csv").open() as f:
         assert [r["compiled"] for r in csv.DictReader(f)] == ["True", "False"]  # ours compiled, the baseline eager
+
+
+def test_lm_head_memory_measures_both_heads(tmp_path):
+    rows = run_script("lm_head_memory.py", ["--rows", "512", "--dim", "32", "--vocab", "4096"], tmp_path / "m.csv")
+    peaks = {r["impl"]: float(r["peak_extra_MiB"]) for r in rows}
+    assert peaks["reference"] > peaks["fused"] >= 0  # the reference holds 512 x 4096 fp32 logits (8 MiB) and more
