@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 
 import torch
+from beit_overrides import BEIT_TINY
 
 from fastvit_ssl import distributed
 from fastvit_ssl.config import load
@@ -33,18 +34,7 @@ BASE = [
 # SiT without its two per-rank random parts (drop path, the replacement's partner), so ranks can equal one process
 SIT = ["method.name=sit", "sit.dim=16", "sit.mlp_dim=32", "sit.drop_path=0", "sit.replace_prob=0"]
 # BEiT without drop path (per rank), on a fixed random tokenizer (tokenizer_path added by beit_tokenizer)
-BEIT = [
-    "method.name=beit",
-    "model.pos_embed=none",
-    "model.init=beit",
-    "model.rel_pos_bias=shared",
-    "model.layer_scale=0.1",
-    "model.qkv_bias=qv",
-    "model.mask_token=true",
-    "beit.mask_patches=2",
-    "beit.mask_min_patches=1",
-    "beit.drop_path=0",
-]
+BEIT = [*BEIT_TINY, "beit.drop_path=0"]
 
 
 def beit_tokenizer(folder: Path) -> str:

@@ -7,6 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
+from beit_overrides import BEIT_TINY
 
 import train
 from fastvit_ssl.config import ConfigError, load
@@ -21,17 +22,9 @@ from fastvit_ssl.tokenizer.dvae import PatchVQ, PatchVQConfig
 
 BEIT_VIT = dict(pos_embed="none", init="beit", rel_pos_bias="shared", layer_scale=0.1, qkv_bias="qv", mask_token=True)
 BEIT = [
-    "method.name=beit",
-    "model.pos_embed=none",
-    "model.init=beit",
-    "model.rel_pos_bias=shared",
-    "model.layer_scale=0.1",
-    "model.qkv_bias=qv",
-    "model.mask_token=true",
+    *BEIT_TINY,
     "model.frozen_patch_embed=false",
     "model.global_pool=avg_normed",
-    "beit.mask_patches=2",
-    "beit.mask_min_patches=1",
     "beit.tokenizer_vocab=16",
     "beit.tokenizer_epochs=1",
 ]
