@@ -57,6 +57,8 @@ def test_gpu_suite_rehearsal_runs_every_part(tmp_path):
 
 
 def test_lm_head_memory_measures_both_heads(tmp_path):
-    rows = run_script("lm_head_memory.py", ["--rows", "512", "--dim", "32", "--vocab", "4096"], tmp_path / "m.csv")
+    """2,048 x 8,192 fp32 logits are 64 MiB: the plain head holds them and their gradient at once, the fused one
+    one chunk at a time (measured 193 MiB against 66 MiB, the Triton interpreter's own buffers included)."""
+    rows = run_script("lm_head_memory.py", ["--rows", "2048", "--dim", "32", "--vocab", "8192"], tmp_path / "m.csv")
     peaks = {r["impl"]: float(r["peak_extra_MiB"]) for r in rows}
-    assert peaks["reference"] > peaks["fused"] >= 0  # the reference holds 512 x 4096 fp32 logits (8 MiB) and more
+    assert peaks["reference"] >= 128 and peaks["fused"] < peaks["reference"] / 2, peaks
