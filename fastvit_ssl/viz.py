@@ -37,10 +37,7 @@ def class_attention(encoder: VisionTransformer, images: torch.Tensor) -> torch.T
     handle.remove()
     x, bias, attn = seen["x"], seen["bias"], block.attn  # x: (B, T, D), the last block's normed input
     B, T, D = x.shape
-    weight, qkv_bias = attn.qkv.weight, attn.qkv.bias
-    if qkv_bias is None:
-        qkv_bias = torch.cat([attn.q_bias, torch.zeros_like(attn.v_bias), attn.v_bias])
-    qkv = F.linear(x, weight, qkv_bias).float()  # (B, T, 3 D)
+    qkv = F.linear(x, attn.qkv.weight, attn.qkv_bias()).float()  # (B, T, 3 D)
     q, k, _ = qkv.view(B, T, 3, attn.num_heads, D // attn.num_heads).unbind(2)
     logits = torch.einsum("bhd,bthd->bht", q[:, 0], k) / (D // attn.num_heads) ** 0.5  # (B, heads, T)
     if bias is not None:

@@ -42,7 +42,7 @@ def test_a_block_adds_new_patches_only_up_to_what_is_wanted():
         assert (mask | ~before).all()  # nothing unmasked
 
 
-def test_masks_are_a_function_of_seed_epoch_and_index():
+def test_masks_are_a_function_of_seed_step_and_index():
     assert torch.equal(BEIT(mask_rng(3, 1, 7)), BEIT(mask_rng(3, 1, 7)))
     assert not torch.equal(BEIT(mask_rng(3, 1, 7)), BEIT(mask_rng(3, 2, 7)))
 

@@ -6,8 +6,8 @@ h = round(sqrt(area r)) and w = round(sqrt(area / r)) (both smaller than the gri
 if it adds between 1 and `still wanted` new patches, with up to `tries` tries per block. Blocks are added until
 the target is reached or a whole block's tries fail, so a mask holds at most `count` patches.
 
-Masks come from a seeded `random.Random`, one per (seed, epoch, image index): the same masks after a resume and
-whatever the number of loader workers or ranks.
+Masks come from a seeded `random.Random`, one per (seed, step, image index in the global batch): the same masks
+after a resume and whatever the number of ranks.
 """
 
 from __future__ import annotations
@@ -68,17 +68,18 @@ class BlockMasking:
         return torch.from_numpy(mask)
 
 
-def mask_rng(seed: int, epoch: int, index: int) -> random.Random:
-    """The generator of one image's mask in one epoch."""
-    return random.Random(f"beit-mask/{seed}/{epoch}/{index}")
+def mask_rng(seed: int, step: int, index: int) -> random.Random:
+    """The generator of the mask of image `index` of the global batch at training step `step`."""
+    return random.Random(f"beit-mask/{seed}/{step}/{index}")
 
 
 def masked_positions(masks: torch.Tensor, count: int) -> tuple[torch.Tensor, torch.Tensor]:
     """[B, rows, cols] bool -> (positions [B, count] long, valid [B, count] bool): each image's masked patch indices
     (row-major), padded with 0 to a fixed `count` so that the masked-token tensors keep one shape on the GPU."""
     flat = masks.flatten(1)  # (B, L)
-    if int(flat.sum(1).max()) > count:
+    masked = flat.sum(1, keepdim=True)  # (B, 1)
+    if int(masked.max()) > count:
         raise ValueError(f"masked_positions: a mask holds more than {count} patches")
     order = torch.argsort((~flat).to(torch.int8), dim=1, stable=True)[:, :count]  # masked first, in index order
-    valid = torch.arange(count).expand(len(flat), -1) < flat.sum(1, keepdim=True)
+    valid = torch.arange(count).expand(len(flat), -1) < masked
     return torch.where(valid, order, 0), valid

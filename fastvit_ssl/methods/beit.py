@@ -97,7 +97,8 @@ class BEiT(Method):
 
     def prepare(self, views: list[torch.Tensor], step: int) -> dict[str, torch.Tensor]:
         """The view, its block masks (drawn on the host: [B, L] bool), the masked positions padded to the target
-        count, and the visual tokens there (IGNORE at padding), all on the view's device."""
+        count, the view's visual tokens [B, L] and those at the masked positions (IGNORE at padding), all on the
+        view's device."""
         images = normalize_uint8(views[0]) if views[0].dtype == torch.uint8 else views[0]
         B, device, rank = images.shape[0], images.device, distributed.rank()
         masks = torch.stack([self.masking(mask_rng(self.seed, step, rank * B + i)) for i in range(B)])
@@ -105,7 +106,8 @@ class BEiT(Method):
         positions, valid = positions.to(device, non_blocking=True), valid.to(device, non_blocking=True)
         tokens = self.tokenizer.tokenize(images)  # (B, L)
         targets = tokens.gather(1, positions).masked_fill(~valid, IGNORE)
-        return {"images": images, "mask": masks.flatten(1).to(device), "positions": positions, "targets": targets}
+        mask = masks.flatten(1).to(device)
+        return {"images": images, "mask": mask, "positions": positions, "tokens": tokens, "targets": targets}
 
     def online_inputs(self, batch) -> tuple:
         return batch["images"], batch["mask"], batch["positions"], batch["targets"]
@@ -145,7 +147,7 @@ class BEiT(Method):
         head = self.online.lm_head
         predicted = (hidden.float() @ head.weight.float().t() + head.bias.float()).argmax(-1)  # (B, count)
         self.train(was_training)
-        tokens = self.tokenizer.tokenize(batch["images"])  # (B, L)
+        tokens = batch["tokens"]  # (B, L)
         positions, counted = batch["positions"], batch["targets"] != IGNORE
         guess = tokens.scatter(1, positions, torch.where(counted, predicted, tokens.gather(1, positions)))
         grid, pixels = self.tokenizer.grid, self.tokenizer.inputs(images)  # (B, 3, S, S) in [0, 1]

@@ -149,13 +149,15 @@ class Attention(nn.Module):
             self.q_bias, self.v_bias = nn.Parameter(torch.zeros(dim)), nn.Parameter(torch.zeros(dim))
         self.proj = nn.Linear(dim, dim)
 
+    def qkv_bias(self) -> torch.Tensor:
+        """The bias of the q, k, v projection: the Linear's, or [q_bias, 0, v_bias]."""
+        if self.qkv.bias is not None:
+            return self.qkv.bias
+        return torch.cat([self.q_bias, torch.zeros_like(self.v_bias), self.v_bias])
+
     def forward(self, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
         B, T, C = x.shape
-        if self.qkv.bias is None:
-            qkv_bias = torch.cat([self.q_bias, torch.zeros_like(self.v_bias), self.v_bias])
-            qkv = F.linear(x, self.qkv.weight, qkv_bias)
-        else:
-            qkv = self.qkv(x)
+        qkv = self.qkv(x) if self.qkv.bias is not None else F.linear(x, self.qkv.weight, self.qkv_bias())
         qkv = qkv.reshape(B, T, 3, self.num_heads, C // self.num_heads).permute(2, 0, 3, 1, 4)
         q, k, v = qkv.unbind(0)  # each (B, heads, T, head_dim)
         x = F.scaled_dot_product_attention(q, k, v, attn_mask=None if bias is None else bias.to(q.dtype))

@@ -53,9 +53,12 @@ class PatchVQ(VisualTokenizer):
             nn.ConvTranspose2d(c.hidden, 3, c.patch, stride=c.patch),
         )
 
+    def distances(self, z: torch.Tensor) -> torch.Tensor:
+        """Encoder outputs [B, dim, g, g] -> squared distances to every code [B, vocab, g, g]."""
+        return ((z.unsqueeze(1) - self.codebook[None, :, :, None, None]) ** 2).sum(2)
+
     def encode(self, pixels: torch.Tensor) -> torch.Tensor:
-        z = self.encoder(pixels)  # (B, dim, g, g)
-        return -((z.unsqueeze(1) - self.codebook[None, :, :, None, None]) ** 2).sum(2)  # (B, vocab, g, g)
+        return -self.distances(self.encoder(pixels))
 
     def decode(self, tokens: torch.Tensor) -> torch.Tensor:
         """[B, g * g] tokens -> [B, 3, image_size, image_size] pixels in [0, 1]."""
@@ -66,8 +69,7 @@ class PatchVQ(VisualTokenizer):
         """(reconstruction + codebook + commitment loss, the tokens [B, g * g]); the straight-through estimator
         passes the decoder's gradient to the encoder."""
         z = self.encoder(pixels)  # (B, dim, g, g)
-        distances = ((z.unsqueeze(1) - self.codebook[None, :, :, None, None]) ** 2).sum(2)  # (B, vocab, g, g)
-        tokens = distances.argmin(1).flatten(1)
+        tokens = self.distances(z).argmin(1).flatten(1)
         q = self.codebook[tokens].transpose(1, 2).reshape_as(z)
         recon = self.decoder(z + (q - z).detach()).sigmoid()
         loss = F.mse_loss(recon, pixels) + F.mse_loss(q, z.detach()) + commitment * F.mse_loss(z, q.detach())
