@@ -72,6 +72,11 @@ def test_export_round_trip_gives_identical_features(tmp_path):
     }
 
 
+def test_export_names_the_heads_the_model_has():
+    """SiT's ViT-S has 6 heads where MoCo v3's has 12 (model.num_heads): the same tensor shapes, other features."""
+    assert export.timm_spec(VisionTransformer("vit_small", 32, num_heads=6))["timm_kwargs"]["num_heads"] == 6
+
+
 def test_export_cli_from_a_run_folder(tiny_overrides, tmp_path):
     summary = train.main([*tiny_overrides, "run.stop_at_step=2"])
     out = tmp_path / "encoder.safetensors"

@@ -88,7 +88,7 @@ def timm_spec(encoder: VisionTransformer) -> dict:
         "patch_size": spec.patch_size,
         "embed_dim": spec.embed_dim,
         "depth": spec.depth,
-        "num_heads": spec.num_heads,
+        "num_heads": encoder.blocks[0].attn.num_heads,  # model.num_heads may differ from the arch's (SiT's ViT-S)
         "mlp_ratio": 4.0,
         "qkv_bias": True,
         "class_token": True,
