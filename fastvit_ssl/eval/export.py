@@ -54,35 +54,11 @@ def layer_scale(encoder: VisionTransformer) -> float | None:
     return None if gamma is None else float(gamma.detach().flatten()[0])  # the weights overwrite it anyway
 
 
-def timm_beit_spec(encoder: VisionTransformer) -> dict:
-    spec = ARCH_SPECS[encoder.arch]
-    kwargs = {
-        "img_size": encoder.patch_embed.img_size,
-        "patch_size": spec.patch_size,
-        "embed_dim": spec.embed_dim,
-        "depth": spec.depth,
-        "num_heads": encoder.blocks[0].attn.num_heads,
-        "mlp_ratio": 4.0,
-        "qkv_bias": True,  # timm's Beit: learned q and v biases
-        "init_values": layer_scale(encoder),
-        "use_abs_pos_emb": encoder.pos_embed_kind != "none",
-        "use_rel_pos_bias": encoder.blocks[0].rel_pos_bias is not None,
-        "use_shared_rel_pos_bias": encoder.rel_pos_bias is not None,
-        "global_pool": "avg" if encoder.global_pool == "avg" else "token",
-        "num_classes": 0,
-    }
-    return {"timm_model": TIMM_BEIT_NAMES.get(encoder.arch, "beit_base_patch16_224"), "timm_kwargs": kwargs}
-
-
 def timm_spec(encoder: VisionTransformer) -> dict:
-    """{"timm_model": name, "timm_kwargs": {...}} that rebuild `encoder` in timm."""
+    """{"timm_model": name, "timm_kwargs": {...}} that rebuild `encoder` in timm (VisionTransformer, or Beit)."""
     spec = ARCH_SPECS[encoder.arch]
     if spec.conv_stem:
         raise CheckpointError(f"{encoder.arch} has a convolutional stem, which timm's VisionTransformer lacks")
-    if beit_layout(encoder):
-        if encoder.blocks[0].attn.qkv.bias is not None:
-            raise CheckpointError("timm's Beit has no bias on k: export a BEiT encoder with model.qkv_bias=qv")
-        return timm_beit_spec(encoder)
     kwargs = {
         "img_size": encoder.patch_embed.img_size,
         "patch_size": spec.patch_size,
@@ -90,12 +66,24 @@ def timm_spec(encoder: VisionTransformer) -> dict:
         "depth": spec.depth,
         "num_heads": encoder.blocks[0].attn.num_heads,  # model.num_heads may differ from the arch's (SiT's ViT-S)
         "mlp_ratio": 4.0,
-        "qkv_bias": True,
+        "qkv_bias": True,  # timm ViT: biases on q, k and v; timm Beit: learned q and v biases (k none)
+        "init_values": layer_scale(encoder),
+        "num_classes": 0,
+    }
+    if beit_layout(encoder):
+        if encoder.blocks[0].attn.qkv.bias is not None:
+            raise CheckpointError("timm's Beit has no bias on k: export a BEiT encoder with model.qkv_bias=qv")
+        kwargs |= {
+            "use_abs_pos_emb": encoder.pos_embed_kind != "none",
+            "use_rel_pos_bias": encoder.blocks[0].rel_pos_bias is not None,
+            "use_shared_rel_pos_bias": encoder.rel_pos_bias is not None,
+            "global_pool": "avg" if encoder.global_pool == "avg" else "token",
+        }
+        return {"timm_model": TIMM_BEIT_NAMES.get(encoder.arch, "beit_base_patch16_224"), "timm_kwargs": kwargs}
+    kwargs |= {
         "class_token": True,
         "global_pool": "avg" if encoder.global_pool == "avg_normed" else encoder.global_pool,
         "fc_norm": encoder.global_pool == "avg",
-        "init_values": layer_scale(encoder),
-        "num_classes": 0,
     }
     if encoder.arch in TIMM_NAMES:
         return {"timm_model": TIMM_NAMES[encoder.arch], "timm_kwargs": kwargs}
