@@ -12,8 +12,16 @@ import math
 import random
 from dataclasses import dataclass
 
+import torch
+
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+def imagenet_stats(device: torch.device | str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """The normalisation's mean and std as [1, 3, 1, 1] float32 tensors on `device`."""
+    mean = torch.tensor(IMAGENET_MEAN, device=device).view(1, 3, 1, 1)
+    return mean, torch.tensor(IMAGENET_STD, device=device).view(1, 3, 1, 1)
 
 
 @dataclass(frozen=True)

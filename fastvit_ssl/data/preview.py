@@ -11,7 +11,7 @@ from pathlib import Path
 
 import torch
 
-from fastvit_ssl.data.augment import IMAGENET_MEAN, IMAGENET_STD, moco_v3_views
+from fastvit_ssl.data.augment import imagenet_stats, moco_v3_views
 from fastvit_ssl.data.dali import DaliViewLoader, dali_available
 from fastvit_ssl.data.folder import load_rgb, scan_image_folder
 from fastvit_ssl.data.torch_pipeline import TorchViewLoader, eval_transform
@@ -19,7 +19,7 @@ from fastvit_ssl.data.torch_pipeline import TorchViewLoader, eval_transform
 
 def to_image(x: torch.Tensor):
     """[3, S, S] normalised -> [S, S, 3] in [0, 1] for matplotlib."""
-    mean, std = torch.tensor(IMAGENET_MEAN).view(3, 1, 1), torch.tensor(IMAGENET_STD).view(3, 1, 1)
+    mean, std = (t[0] for t in imagenet_stats())  # (3, 1, 1) each
     return (x.cpu().float() * std + mean).clamp(0, 1).permute(1, 2, 0).numpy()
 
 

@@ -22,7 +22,7 @@ from torch import nn
 
 from fastvit_ssl import distributed
 from fastvit_ssl.config import Config, ConfigError
-from fastvit_ssl.data.augment import IMAGENET_MEAN, IMAGENET_STD
+from fastvit_ssl.data.augment import imagenet_stats
 from fastvit_ssl.data.masking import BlockMasking, mask_rng, masked_positions
 from fastvit_ssl.kernels.dispatch import REFERENCE_OPS, Ops
 from fastvit_ssl.methods.base import Method
@@ -159,8 +159,7 @@ class BEiT(Method):
             "tokens decoded": self.tokenizer.decode(tokens),
             "predicted decoded": self.tokenizer.decode(guess),
         }
-        mean = torch.tensor(IMAGENET_MEAN, device=pixels.device).view(1, 3, 1, 1)
-        std = torch.tensor(IMAGENET_STD, device=pixels.device).view(1, 3, 1, 1)
+        mean, std = imagenet_stats(pixels.device)  # plot_grid takes normalised images
         plot_grid({k: list(((v - mean) / std).cpu()) for k, v in rows.items()}, path, by_rows=True)
         return True
 

@@ -16,7 +16,7 @@ import torch.nn.functional as F
 import torch.utils.checkpoint
 from torch import nn
 
-from fastvit_ssl.data.augment import IMAGENET_MEAN, IMAGENET_STD
+from fastvit_ssl.data.augment import IMAGENET_MEAN, IMAGENET_STD, imagenet_stats
 
 log = logging.getLogger(__name__)
 
@@ -194,8 +194,7 @@ def drop_path(x: torch.Tensor, rate: float, training: bool) -> torch.Tensor:
 
 def normalize_uint8(images: torch.Tensor) -> torch.Tensor:
     """[B, H, W, 3] uint8 -> [B, 3, H, W] float32 (u / 255 - mean) / std, the pipelines' normalisation."""
-    mean = torch.tensor(IMAGENET_MEAN, device=images.device).view(1, 3, 1, 1)
-    std = torch.tensor(IMAGENET_STD, device=images.device).view(1, 3, 1, 1)
+    mean, std = imagenet_stats(images.device)
     return (images.permute(0, 3, 1, 2).float() / 255 - mean) / std
 
 

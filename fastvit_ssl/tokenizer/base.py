@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from fastvit_ssl.data.augment import IMAGENET_MEAN, IMAGENET_STD
+from fastvit_ssl.data.augment import imagenet_stats
 
 
 class VisualTokenizer(nn.Module):
@@ -19,8 +19,7 @@ class VisualTokenizer(nn.Module):
     def inputs(self, images: torch.Tensor) -> torch.Tensor:
         """The ViT's views ([B, 3, S, S], normalised with the ImageNet mean and std) -> this tokenizer's input:
         resized to image_size (bicubic, antialiased) and mapped to its pixel range by `map_pixels`."""
-        mean = torch.tensor(IMAGENET_MEAN, device=images.device).view(1, 3, 1, 1)
-        std = torch.tensor(IMAGENET_STD, device=images.device).view(1, 3, 1, 1)
+        mean, std = imagenet_stats(images.device)
         pixels = (images.float() * std + mean).clamp(0, 1)  # (B, 3, S, S) in [0, 1]
         if pixels.shape[-1] != self.image_size:
             size = (self.image_size, self.image_size)
