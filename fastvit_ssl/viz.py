@@ -43,8 +43,7 @@ def class_attention(encoder: VisionTransformer, images: torch.Tensor) -> torch.T
     if bias is not None:
         logits = logits + bias[:, :, 0].float()
     weights = logits.softmax(-1)[:, :, 1:]  # (B, heads, L): the class token's attention to each patch
-    grid = encoder.patch_embed.img_size // encoder.patch_embed.patch_size
-    return weights.reshape(B, attn.num_heads, grid, grid)
+    return weights.reshape(B, attn.num_heads, encoder.grid, encoder.grid)
 
 
 def image_files(sources: list[Path], limit: int) -> list[Path]:

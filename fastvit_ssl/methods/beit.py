@@ -88,9 +88,9 @@ class BEiT(Method):
         loss_fn: Callable = linear_cross_entropy_ref,
     ):
         super().__init__()
-        grid = encoder.patch_embed.img_size // encoder.patch_embed.patch_size
-        if tokenizer.grid != grid:
-            raise ValueError(f"BEiT: the tokenizer makes {tokenizer.grid}^2 tokens, the ViT has {grid}^2 patches")
+        if tokenizer.grid != encoder.grid:
+            grids = f"the tokenizer makes {tokenizer.grid}^2 tokens, the ViT has {encoder.grid}^2 patches"
+            raise ValueError(f"BEiT: {grids}")
         self.online = MaskedImageModel(encoder, tokenizer.vocab_size, loss_fn)
         self.tokenizer = tokenizer.requires_grad_(False)
         self.masking, self.seed = masking, seed

@@ -292,7 +292,7 @@ class VisionTransformer(nn.Module):
         stem = ConvStem if spec.conv_stem else PatchEmbed
         self.patch_embed = stem(img_size, spec.patch_size, in_chans, spec.embed_dim)
         self.cls_token = nn.Parameter(torch.zeros(1, 1, spec.embed_dim))
-        grid = img_size // spec.patch_size
+        self.grid = grid = img_size // spec.patch_size  # patches per side
         table = sincos_pos_embed(grid, spec.embed_dim)  # (1, 1 + L, D)
         self.pos_embed_kind = pos_embed
         self.pos_embed = nn.Parameter(table if pos_embed == "sincos" else torch.zeros_like(table))

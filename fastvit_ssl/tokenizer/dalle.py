@@ -91,34 +91,35 @@ class DalleEncoder(nn.Module):
         return self.blocks(x)
 
 
+def read_weights(path: Path) -> dict[str, torch.Tensor]:
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"beit.tokenizer_path={path}: no such file. The DALL-E tokenizer needs OpenAI's released encoder "
+            "converted once to safetensors (see fastvit_ssl/tokenizer/dalle.py): pip install dall-e, download "
+            "https://cdn.openai.com/dall-e/encoder.pkl, then python -m fastvit_ssl.tokenizer.dalle encoder.pkl "
+            "dalle_encoder.safetensors"
+        )
+    from safetensors.torch import load_file
+
+    return load_file(str(path))
+
+
 class DalleTokenizer(VisualTokenizer):
     """BEiT's tokenizer: the DALL-E encoder's argmax token for each 8 x 8 patch of the view resized to 8 x grid."""
 
     def __init__(self, weights: str | Path | None, grid: int = 14):
         super().__init__()
-        if weights is None:  # random weights: the encoder's cost without its knowledge (benchmarks)
-            self.vocab_size, self.grid, self.image_size = 8192, grid, 8 * grid
-            self.encoder = DalleEncoder()
-            self.requires_grad_(False).eval()
-            return
-        path = Path(weights)
-        if not path.is_file():
-            raise FileNotFoundError(
-                f"beit.tokenizer_path={weights}: no such file. The DALL-E tokenizer needs OpenAI's released encoder "
-                "converted once to safetensors (see fastvit_ssl/tokenizer/dalle.py): pip install dall-e, download "
-                "https://cdn.openai.com/dall-e/encoder.pkl, then python -m fastvit_ssl.tokenizer.dalle encoder.pkl "
-                "dalle_encoder.safetensors"
-            )
-        from safetensors.torch import load_file
-
-        state = load_file(str(path))
-        self.vocab_size, self.grid, self.image_size = state["blocks.output.conv.w"].shape[0], grid, 8 * grid
-        self.encoder = DalleEncoder(hidden=state["blocks.input.w"].shape[0], vocab_size=self.vocab_size)
-        missing, unexpected = self.encoder.load_state_dict(state, strict=False)
-        if missing or unexpected:
-            raise ValueError(
-                f"{path} is not a DALL-E encoder: missing {missing[:3]}..., unexpected {unexpected[:3]}..."
-            )
+        state = None if weights is None else read_weights(Path(weights))  # None: random (benchmarks: the cost)
+        hidden = 256 if state is None else state["blocks.input.w"].shape[0]
+        self.vocab_size = 8192 if state is None else state["blocks.output.conv.w"].shape[0]
+        self.grid, self.image_size = grid, 8 * grid
+        self.encoder = DalleEncoder(hidden=hidden, vocab_size=self.vocab_size)
+        if state is not None:
+            missing, unexpected = self.encoder.load_state_dict(state, strict=False)
+            if missing or unexpected:
+                raise ValueError(
+                    f"{weights} is not a DALL-E encoder: missing {missing[:3]}..., unexpected {unexpected[:3]}..."
+                )
         self.requires_grad_(False).eval()
 
     def map_pixels(self, pixels: torch.Tensor) -> torch.Tensor:
