@@ -1,5 +1,6 @@
 """Run by tests/test_distributed.py under torchrun: one step of a method (MoCo v3 or SiT) on this rank's share of a
-fixed global batch, saving the loss and the gradients so the test can compare them with a single-process run.
+fixed global batch, saving the loss and the gradients so the test can compare them with a single-process run. In
+float64: what is compared is the math of splitting the batch, not the rounding of fp32 sums taken in another order.
 
     python tests/dist_worker.py OUT.pt METHOD [override ...]
 """
@@ -17,8 +18,8 @@ from fastvit_ssl.methods.build import build_method
 def one_step(out_path: str, overrides: list[str]) -> None:
     cfg = load(None, ["model.arch=vit_demo", "model.img_size=14", "moco.dim=16", "moco.mlp_dim=32", *overrides])
     torch.manual_seed(0)
-    model = build_method(cfg)
-    x1, x2 = torch.randn(2, 8, 3, 14, 14, generator=torch.Generator().manual_seed(1))  # the global batch
+    model = build_method(cfg).double()
+    x1, x2 = torch.randn(2, 8, 3, 14, 14, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
     n = 8 // distributed.world_size()
     shard = slice(distributed.rank() * n, (distributed.rank() + 1) * n)
     engine = LocalEngine(model, torch.optim.SGD(model.parameters(), lr=0.0), torch.device("cpu"))

@@ -11,7 +11,9 @@ from fastvit_ssl.config import load
 from fastvit_ssl.methods.build import build_method
 from fastvit_ssl.monitor import read_metrics
 
-EAGER = ["eval.knn_every_epochs=0", "run.stop_at_step=3"]
+# LARS: its step is smooth in the gradient, so rounding differences stay rounding (AdamW's first step is sign(g),
+# which turns gradients that are zero up to rounding into full steps of random sign; see tests/test_deepspeed.py)
+EAGER = ["eval.knn_every_epochs=0", "run.stop_at_step=3", "optim.name=lars", "optim.base_lr=0.3"]
 
 
 def losses(summary: dict) -> list[float]:
@@ -33,5 +35,7 @@ def test_compiled_blocks_train_to_the_eager_losses(tiny_overrides, checkpointing
     eager = train.main([*common, "run.name=eager"])
     compiled = train.main([*common, "run.name=compiled", "model.compile=true"])
     assert len(losses(compiled)) == 3
-    assert losses(compiled) == pytest.approx(losses(eager), rel=1e-4, abs=1e-5)
+    # inductor's vectorised erf/rsqrt and reduction order differ from eager by a few ulps per op (and differ between
+    # AVX2 and AVX-512): ~400 ulps (5e-5) over 3 steps; a wrong block moves the loss by > 1e-2
+    assert losses(compiled) == pytest.approx(losses(eager), rel=5e-5)  # measured: 6e-7
     assert torch._dynamo.utils.counters["stats"]["unique_graphs"] > 0  # it did compile

@@ -29,12 +29,12 @@ class GlobalBatchNorm1d(nn.BatchNorm1d):
     torch's SyncBatchNorm only runs on GPUs; this one all-reduces through autograd, so it also runs with gloo on
     CPUs, and single-process it computes what BatchNorm1d does. Two passes (mean, then centred squares) keep the
     variance as accurate as BatchNorm1d's. Whatever the input's and the parameters' storage (bf16 parameters with
-    fp32 running statistics under DeepSpeed), statistics and normalisation run in fp32, as autocast runs BN, and the
-    output has the input's dtype.
+    fp32 running statistics under DeepSpeed), statistics and normalisation run in fp32 (fp64 for fp64 inputs), as
+    autocast runs BN, and the output has the input's dtype.
     """
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x32 = x.float()  # (N, C)
+        x32 = x.to(torch.promote_types(x.dtype, torch.float32))  # (N, C)
         if self.training or not self.track_running_stats:
             world = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
             all_sum = _AllReduceSum.apply if world > 1 else lambda t: t
@@ -44,10 +44,10 @@ class GlobalBatchNorm1d(nn.BatchNorm1d):
             if self.training and self.track_running_stats:
                 self._update_running_stats(mean.detach(), var.detach() * count / max(count - 1, 1))
         else:
-            mean, var = self.running_mean.float(), self.running_var.float()
+            mean, var = self.running_mean.to(x32.dtype), self.running_var.to(x32.dtype)
         y = (x32 - mean) * torch.rsqrt(var + self.eps)
         if self.affine:
-            y = y * self.weight.float() + self.bias.float()
+            y = y * self.weight.to(x32.dtype) + self.bias.to(x32.dtype)
         return y.to(x.dtype)
 
     @torch.no_grad()
