@@ -4,9 +4,10 @@ fused kernel (kernels/linear_ce.py), each in a fresh process so that its peak is
     python benchmarks/lm_head_memory.py                          # N=4096 tokens, D=768, V=8192, fp32, on CPU
     python benchmarks/lm_head_memory.py --rows 19200 --dtype bf16 --out benchmarks/results/lm-head-memory.csv
 
-On CUDA it reads torch.cuda.max_memory_allocated; on a CPU the growth of the process's peak resident memory
-(ru_maxrss), with the fused kernel run by the Triton interpreter (its speed means nothing; its memory does: the
-same chunked algorithm, the same tensors).
+On CUDA it reads torch.cuda.max_memory_allocated. On a CPU it counts the bytes of the tensors alive at once (every
+tensor an op returns, through a dispatch mode, until its last reference goes), with the fused kernel run by the
+Triton interpreter: its speed means nothing, its tensors are the same chunked algorithm's. Counted, not read from
+the process's resident memory, so the number is the same on any machine, busy or not.
 """
 
 from __future__ import annotations
@@ -15,14 +16,46 @@ import argparse
 import datetime
 import multiprocessing
 import os
-import resource
+import weakref
 from pathlib import Path
 
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_leaves
 
 from rows import print_table, write_rows
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+
+
+class LiveTensorBytes(TorchDispatchMode):
+    """Peak bytes of the storages that tensors made inside the mode hold at once (views share their storage)."""
+
+    def __init__(self):
+        super().__init__()
+        self.tensors: dict[int, int] = {}  # storage address -> live tensors on it
+        self.sizes: dict[int, int] = {}
+        self.live = self.peak = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in tree_leaves(out):
+            if isinstance(t, torch.Tensor):
+                storage = t.untyped_storage()
+                key = storage.data_ptr()
+                if key not in self.tensors:
+                    self.tensors[key], self.sizes[key] = 0, storage.nbytes()
+                    self.live += storage.nbytes()
+                    self.peak = max(self.peak, self.live)
+                self.tensors[key] += 1
+                weakref.finalize(t, self._release, key)
+        return out
+
+    def _release(self, key: int) -> None:
+        self.tensors[key] -= 1
+        if not self.tensors[key]:
+            del self.tensors[key]
+            self.live -= self.sizes.pop(key)
 
 
 def peak_mib(impl: str, rows: int, dim: int, vocab: int, dtype: str, queue) -> None:
@@ -38,21 +71,19 @@ def peak_mib(impl: str, rows: int, dim: int, vocab: int, dtype: str, queue) -> N
     w = (torch.randn(vocab, dim, generator=g, device=device, dtype=DTYPES[dtype]) * dim**-0.5).requires_grad_()
     b = torch.zeros(vocab, device=device, dtype=DTYPES[dtype], requires_grad=True)
     t = torch.randint(0, vocab, (rows,), generator=g, device=device)
-    fn(x[:4], w, b, t[:4]).backward()  # first-call costs (lazy imports, the interpreter's set-up) paid before
+    if device.type == "cpu":
+        with LiveTensorBytes() as counted:
+            fn(x, w, b, t).backward()
+        queue.put(counted.peak / 2**20)
+        return
+    fn(x[:4], w, b, t[:4]).backward()  # first-call costs (compilation, the allocator's pools) paid before
     x.grad = w.grad = b.grad = None
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-        start = torch.cuda.memory_allocated()
-        torch.cuda.reset_peak_memory_stats()
-    else:
-        start = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB
-    loss = fn(x, w, b, t)
-    loss.backward()
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-        queue.put((torch.cuda.max_memory_allocated() - start) / 2**20)
-    else:
-        queue.put((resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - start) / 1024)
+    torch.cuda.synchronize()
+    start = torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
+    fn(x, w, b, t).backward()
+    torch.cuda.synchronize()
+    queue.put((torch.cuda.max_memory_allocated() - start) / 2**20)
 
 
 def main(argv=None) -> list[dict]:
@@ -77,7 +108,7 @@ def main(argv=None) -> list[dict]:
                 "shape": f"N={args.rows} D={args.dim} V={args.vocab}",
                 "dtype": args.dtype,
                 "peak_extra_MiB": round(peak, 1),
-                "device": "cuda" if torch.cuda.is_available() else "cpu (ru_maxrss)",
+                "device": "cuda" if torch.cuda.is_available() else "cpu (live tensors counted)",
                 "date": datetime.date.today().isoformat(),
             }
         )

@@ -57,8 +57,9 @@ def test_gpu_suite_rehearsal_runs_every_part(tmp_path):
 
 
 def test_lm_head_memory_measures_both_heads(tmp_path):
-    """2,048 x 8,192 fp32 logits are 64 MiB: the plain head holds them and their gradient at once, the fused one
-    one chunk at a time (measured 193 MiB against 66 MiB, the Triton interpreter's own buffers included)."""
+    """2,048 x 8,192 fp32 logits are 64 MiB: the plain head holds two such matrices at once (logits and their
+    log-softmax, then its gradient), the fused one a chunk of rows at a time and never one whole matrix. Counted
+    tensor bytes, not resident memory: the same on any machine, busy or not (measured 193 against 3 MiB)."""
     rows = run_script("lm_head_memory.py", ["--rows", "2048", "--dim", "32", "--vocab", "8192"], tmp_path / "m.csv")
     peaks = {r["impl"]: float(r["peak_extra_MiB"]) for r in rows}
-    assert peaks["reference"] >= 128 and peaks["fused"] < peaks["reference"] / 2, peaks
+    assert peaks["reference"] >= 128 and peaks["fused"] < 64, peaks

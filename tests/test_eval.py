@@ -149,7 +149,7 @@ def test_mixup_and_cutmix_keep_targets_distributions():
     images, targets = torch.rand(4, 3, 8, 8), torch.eye(4)
     for recipe in (finetune.Recipe(mixup=0.8, cutmix=0.0), finetune.Recipe(mixup=0.0, cutmix=1.0)):
         mixed, soft = finetune.mix(images, targets, recipe, rng)
-        assert mixed.shape == images.shape and torch.allclose(soft.sum(1), torch.ones(4))
+        assert mixed.shape == images.shape and torch.allclose(soft.sum(1), torch.ones(4))  # lam + (1 - lam)
         assert not torch.equal(mixed, images)
 
 
@@ -170,7 +170,7 @@ def test_sit_head_reads_the_class_token_and_the_mean_of_the_patch_tokens():
     x = torch.randn(3, 3, 14, 14)
     tokens = encoder.forward_tokens(x)
     expected = model.head(torch.cat([tokens[:, 0], tokens[:, 1:].mean(1)], dim=1))
-    torch.testing.assert_close(model(x), expected)
+    torch.testing.assert_close(model(x), expected)  # the same fp32 ops in the same order
     assert model.head[0].in_features == 2 * encoder.embed_dim and model.head[-1].out_features == 10
     groups = finetune.param_groups(model, finetune.Recipe(layer_decay=0.5), lr=1.0)
     assert {g["lr_scale"] for g in groups for p in g["params"] if p is model.head[0].weight} == {1.0}

@@ -18,7 +18,7 @@ def clusters(n: int, seed: int):
 def test_heads_of_the_two_protocols():
     head = linear.make_head(32, 4, "mocov3")
     assert isinstance(head, nn.Linear) and head.bias.abs().sum() == 0  # the official: the ViT's Linear alone
-    assert head.weight.std().item() == pytest.approx(0.01, rel=0.3)
+    assert head.weight.std().item() == pytest.approx(0.01, rel=0.3)  # 128 seeded draws: std error 6%
     bn, fc = linear.make_head(32, 4, "mae")
     assert isinstance(bn, nn.BatchNorm1d) and not bn.affine and isinstance(fc, nn.Linear)
 

@@ -66,5 +66,6 @@ def test_fused_adamw_moves_what_it_must(rows, trainer):
 def test_counted_flops_match_the_analytic_formula(rows, trainer):
     expected = step_flops(trainer.cfg, batch=8, keys=8)
     for mode in ("ours", "baseline"):
+        # counted, not measured: the formula leaves out norms, softmax and the optimizer (0.35% at ViT-S)
         assert int(rows[mode, "step"]["FLOPs"]) == pytest.approx(expected, rel=0.03)
         assert int(rows[mode, "step"]["launches"]) > int(rows[mode, "forward"]["launches"]) > 0

@@ -90,12 +90,13 @@ def test_forward_shapes_and_pooling(pool):
     assert features.shape == (3, 192)
     tokens = model.blocks(model.embed_tokens(x))
     expected = model.norm(tokens)[:, 0] if pool == "token" else model.fc_norm(tokens[:, 1:].mean(1))
-    torch.testing.assert_close(features, expected)
+    torch.testing.assert_close(features, expected)  # the same fp32 ops in the same order
 
 
 def test_images_are_encoded_independently():
     model = VisionTransformer("vit_demo", 14).eval()
     x = torch.randn(4, 3, 14, 14)
+    # the same fp32 ops on other batch shapes (matmul blocking may differ): a few ulps; mixing images moves O(1)
     torch.testing.assert_close(model(x)[1:2], model(x[1:2]), rtol=1e-5, atol=1e-5)
 
 
@@ -110,7 +111,7 @@ def test_conv_stem_batch_norm_is_batch_norm_and_runs_on_deepspeed_bf16_storage()
     ours, theirs = Fp32BatchNorm2d(4), torch.nn.BatchNorm2d(4)
     torch.nn.init.normal_(ours.weight), torch.nn.init.normal_(ours.bias)
     theirs.load_state_dict(ours.state_dict())
-    for _ in range(2):
+    for _ in range(2):  # fp32, the same formula: default tolerance (1.3e-6, 1e-5)
         x = torch.randn(3, 4, 5, 5) * 2 + 1
         torch.testing.assert_close(ours(x), theirs(x))
     torch.testing.assert_close(ours.running_var, theirs.running_var)
@@ -119,6 +120,7 @@ def test_conv_stem_batch_norm_is_batch_norm_and_runs_on_deepspeed_bf16_storage()
     ours.weight.data, ours.bias.data = ours.weight.data.bfloat16(), ours.bias.data.bfloat16()  # DeepSpeed's layout
     y = ours(x.bfloat16())
     assert y.dtype == torch.bfloat16 and ours.running_mean.dtype == torch.float32
+    # one bf16 rounding of the output (half an ulp: 2^-9 relative) plus bf16 weights (2^-9 each); |y| < 4
     torch.testing.assert_close(y.float(), theirs(x.bfloat16().float()), rtol=2**-7, atol=2**-7 * 4)
 
 
@@ -138,4 +140,5 @@ def test_uint8_channels_last_images_are_normalised_inside(arch, size):
     u = torch.randint(0, 256, (3, size, size, 3), dtype=torch.uint8)
     mean, std = torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1), torch.tensor(IMAGENET_STD).view(1, 3, 1, 1)
     x = (u.permute(0, 3, 1, 2).double() / 255 - mean) / std  # what the pipelines hand over without uint8_views
+    # inputs one fp32 rounding apart (|x| < 2.7: 2.4e-7), then the same network: differences of a few of its ulps
     torch.testing.assert_close(model(u), model(x.float()), rtol=1e-5, atol=1e-5)

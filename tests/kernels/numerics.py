@@ -1,4 +1,15 @@
-"""Tolerances for kernel tests, tied to each dtype's own error (the rule of flash-attention's tests)."""
+"""Tolerances for kernel tests, tied to each dtype's own error (the rule of flash-attention's tests).
+
+fp32 kernels against the float64 reference: a sum of n fp32 terms carries a rounding error that grows like
+sqrt(n) u sum|terms| (u = 2^-24 = 6e-8; Higham & Mary 2019 bound it so with high probability), at most 16 u for the
+n <= 256 terms of these tests' reductions, and exp, log and divisions add a few u each. Values of size ~1 are thus
+within ~1e-6 relative of exact whatever the order of the sums (which differs between CPUs' vector paths and GPUs'
+tiles): rtol 1e-5 leaves a margin of ~10. Gradients are differences (softmax minus one-hot, sums of dout x rows)
+that lose up to a digit against their largest element: rtol 1e-4, or an atol tied to that largest element. A wrong
+index, mask or scale errs by O(1).
+
+bf16 outputs are held to PyTorch's own bf16 error (assert_no_worse_than_torch).
+"""
 
 import math
 

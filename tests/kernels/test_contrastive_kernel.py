@@ -24,7 +24,7 @@ def test_fp32_matches_the_float64_reference(shape, poisoned, device):
     q, k = torch.randn(N, D, generator=g).to(device), torch.randn(M, D, generator=g).to(device)
     loss, dq = run(q, k, 0.2, offset, contrastive_loss)
     loss64, dq64 = run(q.double(), k.double(), 0.2, offset, contrastive_loss_ref)
-    assert torch.isfinite(dq).all()
+    assert torch.isfinite(dq).all()  # tolerances: fp32 against fp64, see numerics.py
     torch.testing.assert_close(loss.double(), loss64, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(dq.double(), dq64, rtol=1e-4, atol=1e-5 * dq64.abs().max().item() + 1e-12)
 
@@ -49,7 +49,7 @@ def test_temperature_and_large_logits(device):
     for t in (0.01, 0.2, 1.0):
         loss, dq = run(q, k, t, 0, contrastive_loss)
         loss64, dq64 = run(q.double(), k.double(), t, 0, contrastive_loss_ref)
-        torch.testing.assert_close(loss.double(), loss64, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(loss.double(), loss64, rtol=1e-5, atol=1e-6)  # numerics.py
         torch.testing.assert_close(dq.double(), dq64, rtol=1e-4, atol=1e-6)
 
 
@@ -91,7 +91,7 @@ def test_the_shipped_gpu_configuration(target, dtype, poisoned, device):
     with planning_for(target):
         loss, dq = run(q, k, 0.2, offset, contrastive_loss)
     loss64, dq64 = run(q.double(), k.double(), 0.2, offset, contrastive_loss_ref)
-    if dtype == torch.float32:
+    if dtype == torch.float32:  # numerics.py
         torch.testing.assert_close(loss.double(), loss64, rtol=1e-5, atol=1e-6)
         torch.testing.assert_close(dq.double(), dq64, rtol=1e-4, atol=1e-5 * dq64.abs().max().item())
     else:

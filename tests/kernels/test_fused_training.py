@@ -60,15 +60,16 @@ def train(overrides, ops, device, steps=24):
 
 @pytest.mark.parametrize("optimizer", ["lars", "lamb"])
 def test_training_with_fused_kernels_follows_the_reference(micro_arch, optimizer, device):
-    overrides = [*micro_arch, f"optim.name={optimizer}", "model.frozen_patch_embed=false"]
+    # LAMB with eps=1e-3: with eps=1e-8 its first step is sign(g) per element, which turns gradients that are zero
+    # up to rounding (the key part of the qkv bias, which softmax ignores) into full steps of random sign
+    eps = ["optim.eps=1e-3"] if optimizer == "lamb" else []
+    overrides = [*micro_arch, f"optim.name={optimizer}", "model.frozen_patch_embed=false", *eps]
     ref_losses = train(overrides, REFERENCE_OPS, device)
     fused_losses = train(overrides, fused_ops(), device)
-    assert ref_losses[-4:].mean() < ref_losses[:4].mean() - 0.1  # it does learn
-    # The first two losses agree to rounding. Then rounding-level differences grow where Adam-type steps normalise
-    # gradients that are zero up to noise (e.g. the key part of the qkv bias, which softmax ignores), so the
-    # trajectories only stay close, not equal.
-    torch.testing.assert_close(fused_losses[:2], ref_losses[:2], rtol=1e-4, atol=1e-4)
-    torch.testing.assert_close(fused_losses, ref_losses, rtol=0.05, atol=0)
+    assert ref_losses[-4:].mean() < ref_losses[:4].mean() - 0.1  # it does learn (measured: 2.2 -> 0.5)
+    # The kernels sum in other orders than torch: a few ulps per op, carried by 24 steps whose updates are smooth
+    # in the gradient; measured up to 4e-6 (~35 ulps) apart. ~800 ulps allowed; a wrong kernel moves them by > 1e-2.
+    torch.testing.assert_close(fused_losses, ref_losses, rtol=1e-4, atol=0)
 
 
 def test_fused_falls_back_to_references_on_cpu(caplog):

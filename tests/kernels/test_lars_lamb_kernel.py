@@ -36,7 +36,7 @@ def test_fp32_matches_the_reference(fused, reference, kwargs, device):
     params, grads = make_params(torch.float32, 0, device)
     ours, opt = train(fused, params, grads, **kwargs)
     theirs, ref_opt = train(reference, params, grads, **kwargs)
-    for a, b in zip(ours, theirs):
+    for a, b in zip(ours, theirs):  # fp32 both; norms summed in other orders: numerics.py
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)
     # the same state names and values: checkpoints move between fused and reference optimizers
     for a, b in zip(opt.state_dict()["state"].values(), ref_opt.state_dict()["state"].values()):

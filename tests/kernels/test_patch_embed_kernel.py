@@ -41,7 +41,7 @@ def test_fp32_forward_and_backward_match_float64(shape, poisoned, device):
     out64, grads64 = forward_backward(
         patch_embed_ref, images.double(), [p.double() if p is not None else None for p in params], shape[3]
     )
-    assert torch.isfinite(out).all()
+    assert torch.isfinite(out).all()  # fp32 against fp64 (numerics.py); gradients sum over the batch and patches
     torch.testing.assert_close(out.double(), out64, rtol=1e-5, atol=1e-5)
     for g, g64 in zip(grads, grads64):
         torch.testing.assert_close(g.double(), g64, rtol=1e-5, atol=1e-4)
@@ -75,7 +75,7 @@ def test_the_shipped_gpu_configuration(target, shape, dtype, poisoned, device):
     out64, grads64 = forward_backward(
         patch_embed_ref, images.double(), [p.double() if p is not None else None for p in params], P, dtype
     )
-    if dtype == torch.float32:
+    if dtype == torch.float32:  # numerics.py
         torch.testing.assert_close(out.double(), out64, rtol=1e-5, atol=1e-5)
         for g, g64 in zip(grads, grads64):
             torch.testing.assert_close(g.double(), g64, rtol=1e-5, atol=1e-4)
@@ -96,7 +96,7 @@ def test_uint8_nhwc_images_are_normalised_in_the_kernel(poisoned, device):
     expected = patch_embed_ref(
         float_images.permute(0, 3, 1, 2), weight.double(), bias.double(), pos.double(), 4, cls.double()
     )
-    torch.testing.assert_close(out.double(), expected, rtol=1e-5, atol=1e-4)
+    torch.testing.assert_close(out.double(), expected, rtol=1e-5, atol=1e-4)  # fp32 vs fp64, inputs |x| < 2.7
 
 
 def test_frozen_projection_does_no_backward_work(monkeypatch, device):
