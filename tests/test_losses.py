@@ -33,4 +33,4 @@ def test_loss_gradient():
 def test_loss_is_scale_invariant_and_perfect_keys_give_a_small_loss():
     q = torch.eye(4, dtype=torch.float64)
     assert contrastive_loss_ref(q, q * 3, 0.1).item() < 1e-3  # 2 tau log(1 + 3 exp(-10)) = 2.7e-5
-    torch.testing.assert_close(  # fp64: default 1e-7contrastive_loss_ref(q * 5, q, 0.1), contrastive_loss_ref(q, q, 0.1))
+    torch.testing.assert_close(contrastive_loss_ref(q * 5, q, 0.1), contrastive_loss_ref(q, q, 0.1))  # fp64: 1e-7
