@@ -30,6 +30,7 @@ from fastvit_ssl.eval.knn import knn_top1
 from fastvit_ssl.guard import FaultHooks, NonFiniteGuard, TrainingDiverged
 from fastvit_ssl.kernels.dispatch import select_ops
 from fastvit_ssl.methods.build import build_method
+from fastvit_ssl.models import attention
 from fastvit_ssl.monitor import Monitor
 from fastvit_ssl.optim import schedules
 from fastvit_ssl.preemption import EarlyStop, StopRequests
@@ -43,6 +44,7 @@ def main(argv: list[str] | None = None) -> dict:
     started = time.perf_counter()
     cfg = load(args.config, args.overrides)
     device = pick_device(cfg.run.device)
+    check_kernels(cfg, device)
     distributed.init_from_env(device, cfg.engine.timeout_s)
     setup_logging()
     world = distributed.world_size()
@@ -270,6 +272,15 @@ def save_checkpoint(cfg: Config, run_dir: Path, engine, step: int, guard: NonFin
     path = engine.save(run_dir, step, client_state, keep_last=cfg.run.keep_last + 1)
     log.info("saved %s", path)
     return path
+
+
+def check_kernels(cfg: Config, device: torch.device) -> None:
+    """The attention kernel the config names runs on this device with this model, or a config error."""
+    bias = cfg.model.rel_pos_bias != "none"
+    try:
+        attention.check_available(cfg.model.attention, device, bias, cfg.run.precision)
+    except attention.AttentionUnavailable as e:
+        raise ConfigError(str(e)) from None
 
 
 def pick_device(name: str) -> torch.device:

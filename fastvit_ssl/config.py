@@ -16,6 +16,7 @@ from typing import Any, Literal
 
 import yaml
 
+from fastvit_ssl.models.attention import BACKENDS
 from fastvit_ssl.models.vit import ARCH_SPECS
 
 
@@ -38,6 +39,9 @@ class ModelConfig:
     layer_scale: float = 0.0  # LayerScale's initial value (BEiT: 0.1 for B, 1e-5 for L); 0: none
     qkv_bias: Literal["all", "qv"] = "all"  # qv: learned biases on q and v only (BEiT)
     mask_token: bool = False  # a learned [MASK] embedding for masked patches (BEiT)
+    # the attention kernel: auto (torch's SDPA picks) | flash | efficient | cudnn | math | flex | explicit (timm
+    # 0.4.9's plain ops) | flash_attn2 | flash_attn3 | flash_attn4 (the flash-attn package); see models/attention.py
+    attention: Literal[BACKENDS] = "auto"
 
 
 @dataclass

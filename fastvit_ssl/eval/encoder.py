@@ -24,10 +24,15 @@ from fastvit_ssl.models.build import build_encoder
 from fastvit_ssl.models.vit import VisionTransformer
 
 
+# Evaluations run wherever they are asked to: the attention kernel is torch's choice there, not the one training
+# used (a kernel does not change the model).
+EVAL_KERNELS = {"attention": "auto"}
+
+
 def random_encoder(cfg: Config, **overrides) -> VisionTransformer:
     """The randomly initialised encoder a run started from (the same seeded draw), the baseline of evaluations."""
     torch.manual_seed(cfg.run.seed)
-    return build_encoder(cfg, **overrides)
+    return build_encoder(cfg, **(EVAL_KERNELS | overrides))
 
 
 def read_checkpoint(path: Path) -> dict:
@@ -109,6 +114,6 @@ def load_encoder(path: Path, layout: Callable[[Config], dict] | None = None, **o
     and so do those `layout(config)` returns (e.g. BEiT's fine-tuning layout: see adapt_state)."""
     state = read_checkpoint(path)
     cfg = from_dict(state["config"])
-    encoder = build_encoder(cfg, **overrides, **(layout(cfg) if layout else {}))
+    encoder = build_encoder(cfg, **(EVAL_KERNELS | overrides | (layout(cfg) if layout else {})))
     load_weights(encoder, adapt_state(encoder_state(state["model"], cfg.method.name), encoder), str(path))
     return encoder, cfg

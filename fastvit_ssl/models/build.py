@@ -22,5 +22,6 @@ def build_encoder(cfg: Config, ops: Ops = REFERENCE_OPS, **overrides) -> VisionT
         "layer_scale": cfg.model.layer_scale,
         "qkv_bias": cfg.model.qkv_bias,
         "mask_token": cfg.model.mask_token,
+        "attention": cfg.model.attention,
     }
     return VisionTransformer(cfg.model.arch, cfg.model.img_size, **(kwargs | overrides))

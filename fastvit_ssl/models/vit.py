@@ -17,6 +17,7 @@ import torch.utils.checkpoint
 from torch import nn
 
 from fastvit_ssl.data.augment import IMAGENET_MEAN, IMAGENET_STD, imagenet_stats
+from fastvit_ssl.models.attention import attention_fn
 
 log = logging.getLogger(__name__)
 
@@ -77,17 +78,18 @@ class PatchEmbed(nn.Module):
 
 
 class Fp32BatchNorm2d(nn.BatchNorm2d):
-    """BatchNorm2d computed in fp32 and returned in the input's dtype, whatever the storage: under DeepSpeed's bf16
-    the weights are bf16 while the running statistics stay fp32, a mix torch's batch_norm refuses."""
+    """BatchNorm2d computed in fp32 (or wider) and returned in the input's dtype, whatever the storage: under
+    DeepSpeed's bf16 the weights are bf16 while the running statistics stay fp32, a mix torch's batch_norm refuses."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         momentum = self.momentum or 0.0
         if self.training and self.track_running_stats:
             self.num_batches_tracked.add_(1)
             momentum = self.momentum if self.momentum is not None else 1.0 / self.num_batches_tracked.item()
-        weight, bias = (self.weight.float(), self.bias.float()) if self.affine else (None, None)
+        x32 = x.to(torch.promote_types(x.dtype, torch.float32))
+        weight, bias = (self.weight.to(x32.dtype), self.bias.to(x32.dtype)) if self.affine else (None, None)
         batch_stats = self.training or not self.track_running_stats
-        y = F.batch_norm(x.float(), self.running_mean, self.running_var, weight, bias, batch_stats, momentum, self.eps)
+        y = F.batch_norm(x32, self.running_mean, self.running_var, weight, bias, batch_stats, momentum, self.eps)
         return y.to(x.dtype)
 
 
@@ -136,14 +138,15 @@ class RelativePositionBias(nn.Module):
 
 
 class Attention(nn.Module):
-    """Multi-head self-attention (SDPA). qkv_bias: "all" (a bias on q, k and v) or "qv" (BEiT: learned biases on q
-    and v only, k's is zero). `bias` in forward: an additive [1, heads, T, T] logit bias."""
+    """Multi-head self-attention. qkv_bias: "all" (a bias on q, k and v) or "qv" (BEiT: learned biases on q and v
+    only, k's is zero). backend: the kernel (models/attention.py; "auto": torch's SDPA). `bias` in forward: an
+    additive [1, heads, T, T] logit bias."""
 
-    def __init__(self, dim: int, num_heads: int, qkv_bias: str = "all"):
+    def __init__(self, dim: int, num_heads: int, qkv_bias: str = "all", backend: str = "auto"):
         super().__init__()
         if dim % num_heads:
             raise ValueError(f"embed_dim {dim} must be divisible by num_heads {num_heads}")
-        self.num_heads = num_heads
+        self.num_heads, self.attend = num_heads, attention_fn(backend)
         self.qkv = nn.Linear(dim, dim * 3, bias=qkv_bias == "all")
         if qkv_bias == "qv":
             self.q_bias, self.v_bias = nn.Parameter(torch.zeros(dim)), nn.Parameter(torch.zeros(dim))
@@ -160,7 +163,7 @@ class Attention(nn.Module):
         qkv = self.qkv(x) if self.qkv.bias is not None else F.linear(x, self.qkv.weight, self.qkv_bias())
         qkv = qkv.reshape(B, T, 3, self.num_heads, C // self.num_heads).permute(2, 0, 3, 1, 4)
         q, k, v = qkv.unbind(0)  # each (B, heads, T, head_dim)
-        x = F.scaled_dot_product_attention(q, k, v, attn_mask=None if bias is None else bias.to(q.dtype))
+        x = self.attend(q, k, v, bias)  # (B, heads, T, head_dim)
         return self.proj(x.transpose(1, 2).reshape(B, T, C))
 
 
@@ -208,12 +211,13 @@ class Block(nn.Module):
         qkv_bias: str = "all",
         layer_scale: float = 0.0,
         rel_pos_grid: int = 0,
+        attention: str = "auto",
     ):
         super().__init__()
         # BEiT fine-tuning: this block's own relative position bias (over a rel_pos_grid^2 patch grid); 0: none
         self.rel_pos_bias = RelativePositionBias(rel_pos_grid, num_heads) if rel_pos_grid else None
         self.norm1 = nn.LayerNorm(dim, eps=1e-6)
-        self.attn = Attention(dim, num_heads, qkv_bias)
+        self.attn = Attention(dim, num_heads, qkv_bias, attention)
         self.ls1 = LayerScale(dim, layer_scale) if layer_scale else nn.Identity()
         self.norm2 = nn.LayerNorm(dim, eps=1e-6)
         self.mlp = Mlp(dim, int(dim * mlp_ratio))
@@ -264,6 +268,7 @@ class VisionTransformer(nn.Module):
         qkv_bias: "all" or "qv" (BEiT).
         mask_token: a learned [MASK] embedding that replaces the patch embeddings `forward_tokens(mask=...)` names
             (BEiT), before the positions are added.
+        attention: the attention kernel (models/attention.py's BACKENDS).
     """
 
     def __init__(
@@ -283,6 +288,7 @@ class VisionTransformer(nn.Module):
         layer_scale: float = 0.0,
         qkv_bias: str = "all",
         mask_token: bool = False,
+        attention: str = "auto",
     ):
         super().__init__()
         spec = ARCH_SPECS[arch]
@@ -303,7 +309,7 @@ class VisionTransformer(nn.Module):
         self.rel_pos_bias = RelativePositionBias(grid, heads) if rel_pos_bias == "shared" else None
         own = grid if rel_pos_bias == "per_block" else 0
         self.blocks = nn.Sequential(
-            *[Block(spec.embed_dim, heads, 4.0, r, qkv_bias, layer_scale, rel_pos_grid=own) for r in rates]
+            *[Block(spec.embed_dim, heads, 4.0, r, qkv_bias, layer_scale, own, attention) for r in rates]
         )
         pooled_norm = nn.LayerNorm(spec.embed_dim, eps=1e-6)
         self.norm = pooled_norm if global_pool in ("token", "avg_normed") else nn.Identity()
