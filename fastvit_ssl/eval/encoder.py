@@ -23,7 +23,6 @@ from fastvit_ssl.methods.build import method_class
 from fastvit_ssl.models.build import build_encoder
 from fastvit_ssl.models.vit import VisionTransformer
 
-
 # Evaluations run wherever they are asked to: the attention kernel is torch's choice there, not the one training
 # used (a kernel does not change the model).
 EVAL_KERNELS = {"attention": "auto"}

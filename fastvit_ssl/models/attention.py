@@ -69,7 +69,7 @@ def check_available(backend: str, device: torch.device, bias: bool = False, prec
         raise AttentionUnavailable(f"model.attention={backend} runs on CUDA devices only; use auto on {device.type}")
     if device.type == "cuda" and precision == "fp32" and backend in ("flash", *FLASH_ATTN):
         raise AttentionUnavailable(
-            f"model.attention={backend} computes in bf16 or fp16 on CUDA; use run.precision=bf16 or model.attention=auto"
+            f"model.attention={backend} computes in bf16 or fp16 on CUDA; use run.precision=bf16 or attention auto"
         )
     if backend == "cudnn" and (torch.backends.cudnn.version() or 0) < CUDNN_GOOD:
         raise AttentionUnavailable(
