@@ -205,13 +205,17 @@ def _check(images, weight, pos_embed, patch_size, cls_token):
         raise ValueError("patch_embed: no gradient for the images; use patch_embed_ref")
 
 
-def _output_dtype(weight: torch.Tensor) -> torch.dtype:
+def _dtypes(weight: torch.Tensor, pos_embed: torch.Tensor) -> tuple[torch.dtype, torch.dtype]:
+    """(dtype of the products, dtype of the output). Under autocast the products take its dtype and the output the
+    position table's wider one, as conv (autocast: bf16) + pos_embed (fp32) gives in the plain computation: the
+    residual stream stays fp32 and no LayerNorm of a block casts it up again."""
     if torch.is_autocast_enabled(weight.device.type):
-        return torch.get_autocast_dtype(weight.device.type)
-    return weight.dtype
+        compute = torch.get_autocast_dtype(weight.device.type)
+        return compute, torch.promote_types(compute, pos_embed.dtype)
+    return weight.dtype, weight.dtype
 
 
-def patch_embed_fwd(images, weight, bias, pos_embed, patch_size, cls_token, mean, std, out_dtype):
+def patch_embed_fwd(images, weight, bias, pos_embed, patch_size, cls_token, mean, std, compute_dtype, out_dtype):
     B, C, H, W, strides, normalize = _layout(images)
     D, K = weight.shape[0], C * patch_size * patch_size
     grid_w = W // patch_size
@@ -219,8 +223,8 @@ def patch_embed_fwd(images, weight, bias, pos_embed, patch_size, cls_token, mean
     out = torch.empty(B, T, D, dtype=out_dtype, device=images.device)
     scale, shift = _norm_constants(mean, std, C, images.device) if normalize else (weight, weight)  # unused
     target = target_of(images.device)
-    cfg = _config("fwd", out_dtype, target)
-    dot_dtype = torch.float32 if interpreted(images.device) else out_dtype  # see target.interpreted()
+    cfg = _config("fwd", compute_dtype, target)
+    dot_dtype = torch.float32 if interpreted(images.device) else compute_dtype  # see target.interpreted()
     grid = (triton.cdiv(B * T, cfg["BLOCK_R"]), triton.cdiv(D, cfg["BLOCK_D"]))
     _patch_embed_fwd_kernel[grid](
         images,
@@ -246,8 +250,8 @@ def patch_embed_fwd(images, weight, bias, pos_embed, patch_size, cls_token, mean
     return out
 
 
-def patch_embed_bwd(images, dout, patch_size, has_cls, weight_shape, mean, std):
-    """(dW [D, C, P, P], dbias [D]) in fp32."""
+def patch_embed_bwd(images, dout, patch_size, has_cls, weight_shape, mean, std, compute_dtype):
+    """(dW [D, C, P, P], dbias [D]) in fp32; the products in `compute_dtype` (an fp32 dout is rounded to it)."""
     B, C, H, W, strides, normalize = _layout(images)
     D, K = weight_shape[0], C * patch_size * patch_size
     grid_w = W // patch_size
@@ -257,8 +261,8 @@ def patch_embed_bwd(images, dout, patch_size, has_cls, weight_shape, mean, std):
     dbias = torch.zeros(D, dtype=torch.float32, device=images.device)
     scale, shift = _norm_constants(mean, std, C, images.device) if normalize else (dw, dw)  # unused
     target = target_of(images.device)
-    cfg = _config("bwd", dout.dtype, target)
-    dot_dtype = torch.float32 if interpreted(images.device) else dout.dtype  # bf16: bf16 operands, fp32 sums
+    cfg = _config("bwd", compute_dtype, target)
+    dot_dtype = torch.float32 if interpreted(images.device) else compute_dtype  # bf16: bf16 operands, fp32 sums
     tiles = triton.cdiv(D, cfg["BLOCK_D"]) * triton.cdiv(K, cfg["BLOCK_K"])
     # split the rows over more programs when the weight tiles alone cannot fill the GPU
     splits = 1 if target.interpreted else max(1, min(16, 2 * target.sms // tiles))
@@ -300,8 +304,10 @@ class PatchEmbedFn(torch.autograd.Function):
             weight.shape,
         )
         ctx.dtypes = (weight.dtype, bias.dtype, pos_embed.dtype, None if cls_token is None else cls_token.dtype)
-        out_dtype = _output_dtype(weight)
-        return patch_embed_fwd(images, weight, bias, pos_embed, patch_size, cls_token, mean, std, out_dtype)
+        ctx.compute_dtype, out_dtype = _dtypes(weight, pos_embed)
+        return patch_embed_fwd(
+            images, weight, bias, pos_embed, patch_size, cls_token, mean, std, ctx.compute_dtype, out_dtype
+        )
 
     @staticmethod
     def backward(ctx, dout):
@@ -309,7 +315,9 @@ class PatchEmbedFn(torch.autograd.Function):
         _, need_w, need_b, need_pos, need_cls = ctx.needs_input_grad[:5]
         dw = dbias = dpos = dcls = None
         if need_w or need_b:  # a frozen projection skips this, the only heavy part
-            dw, dbias = patch_embed_bwd(images, dout, ctx.patch_size, ctx.has_cls, ctx.weight_shape, ctx.mean, ctx.std)
+            dw, dbias = patch_embed_bwd(
+                images, dout, ctx.patch_size, ctx.has_cls, ctx.weight_shape, ctx.mean, ctx.std, ctx.compute_dtype
+            )
             dw, dbias = dw.to(ctx.dtypes[0]) if need_w else None, dbias.to(ctx.dtypes[1]) if need_b else None
         if need_pos:
             dpos = dout.sum(0, keepdim=True).to(ctx.dtypes[2])

@@ -33,8 +33,9 @@ def contrastive_step(n: int, m: int, dim: int, dtype: torch.dtype) -> None:
     contrastive.contrastive_bwd(q, k, rq, rk, lse, meta(()), 0.2, 0)
 
 
-def patch_embed_step(width: int, patch: int, images: str, weights: torch.dtype, out: torch.dtype) -> None:
-    """Forward and weight gradient of a trainable projection; `images` is "uint8" (NHWC) or a float dtype's name."""
+def patch_embed_step(width: int, patch: int, images: str, weights: torch.dtype, compute: torch.dtype) -> None:
+    """Forward and weight gradient of a trainable projection; `images` is "uint8" (NHWC) or a float dtype's name;
+    products in `compute`, the output (and its gradient) as the kernel makes it (fp32 under autocast)."""
     batch, side = 256, 224
     if images == "uint8":
         x = meta(batch, side, side, 3, dtype=torch.uint8)
@@ -43,9 +44,10 @@ def patch_embed_step(width: int, patch: int, images: str, weights: torch.dtype, 
     tokens = (side // patch) ** 2 + 1
     w, b = meta(width, 3, patch, patch, dtype=weights), meta(width, dtype=weights)
     pos, cls = meta(1, tokens, width, dtype=weights), meta(1, 1, width, dtype=weights)
-    patch_embed.patch_embed_fwd(x, w, b, pos, patch, cls, IMAGENET_MEAN, IMAGENET_STD, out)
+    out = torch.promote_types(compute, weights)
+    patch_embed.patch_embed_fwd(x, w, b, pos, patch, cls, IMAGENET_MEAN, IMAGENET_STD, compute, out)
     patch_embed.patch_embed_bwd(
-        x, meta(batch, tokens, width, dtype=out), patch, True, w.shape, IMAGENET_MEAN, IMAGENET_STD
+        x, meta(batch, tokens, width, dtype=out), patch, True, w.shape, IMAGENET_MEAN, IMAGENET_STD, compute
     )
 
 
@@ -92,7 +94,7 @@ CASES = [
     ),
     *(
         (
-            f"patch_embed {arch} images={images} weights={str(w)[6:]} out={str(o)[6:]}",
+            f"patch_embed {arch} images={images} weights={str(w)[6:]} compute={str(o)[6:]}",
             functools.partial(patch_embed_step, width, patch, images, w, o),
         )
         for arch, (width, patch) in WIDTHS.items()

@@ -62,6 +62,23 @@ def test_bf16_is_no_worse_than_torch_bf16(shape, poisoned, device):
         assert_no_worse_than_torch(g, g64, g16)
 
 
+def test_under_autocast_the_residual_stream_stays_fp32(poisoned, device):
+    """fp32 weights under bf16 autocast: bf16 products, an fp32 output (conv in bf16 + an fp32 table, as the plain
+    computation gives), so no block's LayerNorm casts the stream up again; no less accurate than torch's autocast."""
+    shape = SHAPES[3]
+    images, params = inputs(shape, seed=5, device=device)
+    with torch.autocast(device.type, dtype=torch.bfloat16):
+        out, grads = forward_backward(patch_embed, images, params, shape[3])
+        out16, grads16 = forward_backward(patch_embed_ref, images, params, shape[3])
+    out64, grads64 = forward_backward(
+        patch_embed_ref, images.double(), [p.double() for p in params], shape[3], torch.float32
+    )
+    assert out.dtype == out16.dtype == torch.float32 and all(g.dtype == torch.float32 for g in grads)
+    assert_no_worse_than_torch(out, out64, out16)
+    for g, g16, g64 in zip(grads, grads16, grads64):
+        assert_no_worse_than_torch(g, g64, g16)
+
+
 @pytest.mark.parametrize("target", [A100, H100], ids=lambda t: f"sm_{t.arch}")
 @pytest.mark.parametrize("shape", [(14, 3, 48, 16, 200, True), (7, 3, 28, 14, 100, True)], ids=str)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
