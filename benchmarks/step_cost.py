@@ -8,9 +8,11 @@ at real sizes and without memory: every tensor lives on the `meta` device.
     python benchmarks/step_cost.py --out benchmarks/results/step-cost.csv
 
 How each number is made (a model of the GPU, not a measurement):
-- The step is the method's own (benchmarks/throughput.py's Trainer: the same code that trains), run under a
-  TorchDispatchMode that sees every aten op. Attention is counted as the flash kernel SDPA picks on CUDA in bf16 or
-  fp16; AdamW as torch's fused kernel (ours) or its foreach kernels (baseline: torch's CUDA default).
+- Ours is the engine's own training step (benchmarks/throughput.py's Ours: what train.py runs), the baseline the
+  official code's (baseline.py), each run under a TorchDispatchMode that sees every aten op, phases marked from
+  inside the step. Attention is counted as the flash kernel SDPA picks on CUDA in bf16 or fp16 (the baseline's
+  pinned form, timm 0.4.9's plain ops, as those ops); AdamW as torch's fused kernel (ours) or its foreach kernels
+  (baseline: torch's CUDA default).
 - Autocast (bf16 ours, fp16 baseline) is emulated below autograd, as CUDA's autocast casts: matrix products,
   convolutions and attention take low-precision operands (the casts counted, each tensor cast once per step as
   autocast's cache and saved copies allow), norms, softmax and losses fp32.
@@ -31,22 +33,25 @@ import contextlib
 import datetime
 import math
 from collections import defaultdict
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from unittest import mock
 
 import torch
 import torch.nn.functional as F
-from throughput import PHASES, Setup, Trainer
+from baseline import MODERN, PINNED
+from throughput import RECIPES, Bench, Setup
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.flop_counter import flop_registry
 
 from fastvit_ssl import runinfo
 from fastvit_ssl.kernels import ema as ema_kernel
 from fastvit_ssl.kernels import lars_lamb as lars_lamb_kernel
+from fastvit_ssl.kernels import linear_ce as linear_ce_kernel
 from fastvit_ssl.kernels import patch_embed as patch_embed_kernel
 from fastvit_ssl.kernels.aot import recording
 from fastvit_ssl.kernels.target import A100, H100, planning_for
+from fastvit_ssl.methods.base import PHASES
 from rows import print_table, write_rows
 
 aten = torch.ops.aten
@@ -281,6 +286,12 @@ def step_without_overflow(scaler, optimizer, optimizer_state, *args, **kwargs):
     return optimizer.step(*args, **kwargs)
 
 
+def emulated_dtypes(autocast_dtype, weight, pos_embed) -> tuple[torch.dtype, torch.dtype]:
+    """The fused patch embedding's (products, output) dtypes under the autocast StepCounter emulates."""
+    compute = autocast_dtype or weight.dtype
+    return compute, torch.promote_types(compute, pos_embed.dtype)
+
+
 @contextlib.contextmanager
 def as_on_cuda(autocast_dtype: torch.dtype | None):
     """Meta tensors take CUDA's paths: flash attention, fused and foreach optimizers, autocast output dtypes."""
@@ -289,7 +300,8 @@ def as_on_cuda(autocast_dtype: torch.dtype | None):
         mock.patch.object(F, "scaled_dot_product_attention", flash_sdpa),
         mock.patch("torch.optim.optimizer._get_fused_kernels_supported_devices", lambda: devices),
         mock.patch("torch.optim.optimizer._get_foreach_kernels_supported_devices", lambda: devices),
-        mock.patch.object(patch_embed_kernel, "_output_dtype", lambda w: autocast_dtype or w.dtype),
+        mock.patch.object(patch_embed_kernel, "_dtypes", lambda w, pos: emulated_dtypes(autocast_dtype, w, pos)),
+        mock.patch.object(linear_ce_kernel, "_compute_dtype", lambda x, w: autocast_dtype or w.dtype),
         mock.patch.object(torch.amp.GradScaler, "_maybe_opt_step", step_without_overflow),
     ):
         yield
@@ -298,13 +310,17 @@ def as_on_cuda(autocast_dtype: torch.dtype | None):
 def count_step(setup: Setup, gpu: str) -> dict[str, Cost]:
     """Per-phase cost of one training step of `setup` (after a first step that creates the optimizer state)."""
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(setup.precision)
+    # ours builds in fp32 (autocast has no meta device) and StepCounter emulates its bf16; the baseline keeps its
+    # GradScaler and leaves autocast out on meta itself
+    built = setup if setup.baseline else replace(setup, precision="fp32")
     with as_on_cuda(dtype), planning_for(GPUS[gpu]["target"]), recording() as calls:
-        trainer = Trainer(setup, torch.device("meta"))
-        if isinstance(trainer.optimizer, torch.optim.AdamW):  # torch's CUDA choice: fused (ours), foreach (its default)
-            for group in trainer.optimizer.param_groups:
+        bench = Bench(built, torch.device("meta"))
+        optimizer = bench.impl.optimizer
+        if isinstance(optimizer, torch.optim.AdamW):  # torch's CUDA choice: fused (ours), foreach (its default)
+            for group in optimizer.param_groups:
                 group["fused"], group["foreach"] = not setup.baseline, setup.baseline
         with StepCounter(dtype):
-            trainer.step()  # optimizer state, autocast's first casts
+            bench.step()  # optimizer state, autocast's first casts
         calls.clear()
         counter = StepCounter(dtype)
 
@@ -312,17 +328,17 @@ def count_step(setup: Setup, gpu: str) -> dict[str, Cost]:
             counter.count_triton(calls)
             counter.close(phase)
 
+        bench.impl.mark = mark
         with counter, counter.seeing_address_tables():
-            trainer.step(mark)
+            bench.step()
     return dict(counter.phases)
 
 
 def rows_for(method: str, arch: str, batch: int, img_size: int, gpu: str) -> list[dict]:
     rows = []
-    for baseline in (False, True):
-        setup = Setup(
-            arch, batch, img_size, "fp16" if baseline else "bf16", "fused", "default", baseline, method=method
-        )
+    ours = Setup(arch, batch, img_size, "bf16", "fused", method=method)
+    baselines = [replace(ours, baseline=True, precision="fp16", attention=form) for form in (PINNED, MODERN)]
+    for setup in (ours, *baselines):
         phases = count_step(setup, gpu)
         total = Cost()
         for cost in phases.values():
@@ -330,7 +346,8 @@ def rows_for(method: str, arch: str, batch: int, img_size: int, gpu: str) -> lis
         for phase, cost in [*((p, phases.get(p, Cost())) for p in PHASES), ("step", total)]:
             rows.append(
                 {
-                    "mode": "baseline" if baseline else "ours",
+                    "mode": "baseline" if setup.baseline else "ours",
+                    "form": setup.form,
                     "method": method,
                     "arch": arch,
                     "batch": batch,
@@ -353,8 +370,7 @@ def rows_for(method: str, arch: str, batch: int, img_size: int, gpu: str) -> lis
 
 def main(argv=None) -> list[dict]:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    # SiT draws its corruptions from seeded torch.Generators, which the meta device does not have
-    parser.add_argument("--method", default="mocov3", choices=["mocov3"])
+    parser.add_argument("--method", default="mocov3", choices=sorted(RECIPES))
     parser.add_argument("--arch", nargs="+", default=["vit_small", "vit_base", "vit_large"])
     parser.add_argument("--batch", type=int, default=256, help="per GPU (default: %(default)s)")
     parser.add_argument("--img-size", type=int, default=224, help="(default: %(default)s)")
@@ -367,16 +383,17 @@ def main(argv=None) -> list[dict]:
         rows += [{**r, **meta} for r in rows_for(args.method, arch, args.batch, args.img_size, args.gpu)]
     print_table(
         [r for r in rows if r["phase"] != "data"],
-        ["mode", "arch", "phase", "aten_ops", "launches", "GB", "GFLOP", "syncs", "A100_bound_ms", "H100_bound_ms"],
+        ["form", "arch", "phase", "aten_ops", "launches", "GB", "GFLOP", "syncs", "A100_bound_ms", "H100_bound_ms"],
     )
     steps = [r for r in rows if r["phase"] == "step"]
-    for ours, base in zip(steps[::2], steps[1::2]):
-        print(
-            f"{ours['arch']} batch {ours['batch']}: launches {ours['launches']} vs {base['launches']} "
-            f"({base['launches'] / ours['launches']:.1f}x fewer), bytes {ours['GB']} vs {base['GB']} GB "
-            f"({base['GB'] / ours['GB']:.2f}x), H100 bound {ours['H100_bound_ms']} vs {base['H100_bound_ms']} ms "
-            "(a model, not a measurement)"
-        )
+    for ours in (r for r in steps if r["mode"] == "ours"):
+        for base in (r for r in steps if r["mode"] == "baseline" and r["arch"] == ours["arch"]):
+            print(
+                f"{ours['method']} {ours['arch']} batch {ours['batch']}, ours vs {base['form']}: launches "
+                f"{ours['launches']} vs {base['launches']} ({ours['launches'] / base['launches']:.2f}x), "
+                f"{ours['GB']} vs {base['GB']} GB ({ours['GB'] / base['GB']:.2f}x), H100 bound "
+                f"{ours['H100_bound_ms']} vs {base['H100_bound_ms']} ms (a model, not a measurement)"
+            )
     if args.out:
         write_rows(rows, args.out)
     return rows

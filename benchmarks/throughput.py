@@ -1,17 +1,18 @@
 """End-to-end training throughput of a method (MoCo v3; SiT or BEiT with --method): images/s, step time, model
-TFLOP/s and MFU, peak memory and a per-phase breakdown, for our path and for `--baseline`, the way the official
-code trains.
+TFLOP/s and MFU, peak memory, warm-up time and a per-phase breakdown, for our step and for the official code's.
 
-    python benchmarks/throughput.py --arch vit_small --batch 32                    # our path
-    python benchmarks/throughput.py --arch vit_small --batch 32 --baseline         # the official code's way
-    python benchmarks/throughput.py --method sit --compare --arch vit_demo --img-size 28
-    python benchmarks/throughput.py --compare --arch vit_demo --img-size 28        # both, and their ratio
+    python benchmarks/throughput.py --arch vit_small --batch 32                    # our step
+    python benchmarks/throughput.py --compare --arch vit_demo --img-size 28        # ours, both baselines, ratios
+    python benchmarks/throughput.py --compare --arch vit_base --batch 128 --attention auto flash cudnn \
+        --compile default reduce-overhead                        # GPU: eager per kernel, compiled per mode
     python benchmarks/throughput.py --suite --method all --out benchmarks/results/throughput-h100.csv   # GPU
 
-Ours: fused Triton kernels (CUDA), multi-tensor EMA, bf16 autocast, fused AdamW. Baseline (moco-v3/main_moco.py +
-builder.py, or SiT's main.py): fp16 autocast with GradScaler, a per-parameter EMA loop, the materialised N x M
-logits, conv patch embedding, torch's default AdamW. Both run the method's own step (methods/base.py), opened up
-into phases. Attention is torch's SDPA in both (what timm uses); --attention picks its backend.
+Ours is the engine's own training step (engine/local.py, or engine/deepspeed_engine.py with --engine deepspeed),
+built as train.py builds it: the same call, with every per-step duty it has (buffer copy, per-layer gradient norms,
+clipping, the finiteness check). Phases are marked from inside that step (methods/base.py's PHASES).
+The baseline is the official code's step (baseline.py): fp16 with a GradScaler, the EMA as a loop over parameters,
+one pass per view, materialised logits, torch's default AdamW; in two forms, its attention as the official MoCo v3
+pins it (timm 0.4.9's plain ops, "explicit") and as torch's SDPA ("auto").
 
 FLOPs of one step, counted analytically (multiply-adds x 2), for B images, two views, T tokens, width D, depth L,
 MLP heads of widths (D -> H -> H -> d) and (d -> H -> d), N local and M gathered keys:
@@ -29,58 +30,93 @@ CUDA, fp32 on CPU), not a datasheet.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import datetime
+import gc
 import statistics
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from unittest import mock
 
 import torch
-from torch.nn.attention import SDPBackend, sdpa_kernel
+from baseline import MODERN, PINNED, OfficialStep
 
-from fastvit_ssl import runinfo
-from fastvit_ssl.config import load
+from fastvit_ssl import distributed, runinfo
+from fastvit_ssl.config import Config, load
 from fastvit_ssl.data.build import build_train_data, endless_batches
-from fastvit_ssl.kernels.dispatch import REFERENCE_OPS, select_ops
+from fastvit_ssl.engine.build import build_engine
+from fastvit_ssl.kernels.dispatch import select_ops
+from fastvit_ssl.methods.base import PHASES, no_mark
 from fastvit_ssl.methods.build import build_method
+from fastvit_ssl.models.attention import AttentionUnavailable, check_available
 from fastvit_ssl.models.vit import ARCH_SPECS
-from fastvit_ssl.optim.build import build_optimizer
+from fastvit_ssl.optim.schedules import Hyperparameters
 from rows import print_table, write_rows
 
+CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+RECIPES = {
+    "mocov3": CONFIGS / "vit_base.yaml",
+    "sit": CONFIGS / "sit_vit_small.yaml",
+    "beit": CONFIGS / "beit_vit_base.yaml",
+}
 # --suite: (method, arch, batch per GPU) at the batch sizes the GPU configs use per H100
 SUITE = [
     ("mocov3", "vit_small", 256),
     ("mocov3", "vit_base", 128),
     ("mocov3", "vit_large", 64),
     ("sit", "vit_small", 128),
+    ("beit", "vit_base", 128),
 ]
-ATTENTION = {
-    "default": None,
-    "math": SDPBackend.MATH,
-    "flash": SDPBackend.FLASH_ATTENTION,
-    "efficient": SDPBackend.EFFICIENT_ATTENTION,
-    "cudnn": SDPBackend.CUDNN_ATTENTION,
-}
-PHASES = ("data", "prepare", "forward", "ema", "targets", "loss", "backward", "optimizer")
-BEIT_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "beit_vit_base.yaml"  # BEiT's model options
+HPARAMS = Hyperparameters(lr=1e-4, weight_decay=0.1, momentum=0.99)  # what every timed step trains with
 
 
-@dataclass
+@dataclass(frozen=True)
 class Setup:
     arch: str
     batch: int
     img_size: int
-    precision: str  # fp32 | bf16 | fp16 (AMP with GradScaler)
-    kernels: str  # fused | reference
-    attention: str
-    baseline: bool
+    precision: str  # fp32 | bf16 | fp16
+    kernels: str = "fused"  # ours: fused | reference (the baseline: reference)
+    attention: str = "auto"  # model.attention (the baseline: explicit = pinned, auto = modern)
+    baseline: bool = False
+    method: str = "mocov3"
+    compile: str = ""  # ours: "" (eager) or torch.compile's mode for model.compile
+    engine: str = "local"  # ours: local | deepspeed
+    uint8_views: bool = False  # ours only: [B, S, S, 3] uint8 views, normalised inside the patch embedding
     data: Path | None = None  # an ImageFolder root (with train/); None: synthetic tensors on the device
     backend: str = "auto"
-    uint8_views: bool = False  # ours only: [B, S, S, 3] uint8 views, normalised inside the patch embedding
-    method: str = "mocov3"
-    compile: bool = False  # ours only: model.compile (torch.compile of the encoder blocks)
+
+    @property
+    def form(self) -> str:
+        if not self.baseline:
+            return f"ours ({self.attention}, {f'compiled {self.compile}' if self.compile else 'eager'})"
+        return "baseline (timm 0.4.9 attention)" if self.attention == PINNED else "baseline (SDPA)"
+
+
+def config(setup: Setup) -> Config:
+    """The method's GPU recipe (configs/) at this setup's size, precision and kernels."""
+    overrides = [
+        f"model.arch={setup.arch}",
+        f"model.img_size={setup.img_size}",
+        f"data.batch_size={setup.batch}",
+        f"run.precision={setup.precision}",
+        f"run.kernels={'reference' if setup.baseline else setup.kernels}",
+        f"model.attention={setup.attention}",
+        f"engine.name={setup.engine}",
+    ]
+    if setup.method == "beit":
+        grid = setup.img_size // ARCH_SPECS[setup.arch].patch_size
+        overrides += [f"beit.mask_patches={max(1, round(0.4 * grid * grid))}", "beit.mask_min_patches=1"]
+    if setup.arch == "vit_demo" and setup.method != "beit":
+        section = "sit" if setup.method == "sit" else "moco"
+        overrides += [f"{section}.dim=128", f"{section}.mlp_dim=1024"]
+    if setup.data is not None:
+        overrides += [f"data.root={setup.data}", f"data.backend={setup.backend}", "data.num_workers=4"]
+    if setup.uint8_views and not setup.baseline:
+        overrides.append("data.uint8_views=true")
+    if setup.compile and not setup.baseline:
+        overrides += ["model.compile=true", f"model.compile_mode={setup.compile}"]
+    return load(RECIPES[setup.method], overrides)
 
 
 def random_dalle_tokenizer(cfg):
@@ -90,7 +126,78 @@ def random_dalle_tokenizer(cfg):
     return DalleTokenizer(None, cfg.model.img_size // ARCH_SPECS[cfg.model.arch].patch_size)
 
 
-def step_flops(cfg, batch: int, keys: int) -> float:
+class Ours:
+    """The engine's training step, built as train.py builds it (seed, kernels, method, engine)."""
+
+    def __init__(self, cfg: Config, device: torch.device):
+        torch.manual_seed(cfg.run.seed)
+        ops = select_ops(cfg.run.kernels, device)
+        self.model = build_method(cfg, ops).to(device)
+        self.engine = build_engine(cfg, self.model, device, ops)
+        self.fused = ops.fused
+
+    @property
+    def mark(self):
+        return self.engine.mark
+
+    @mark.setter
+    def mark(self, hook) -> None:
+        self.engine.mark = hook
+
+    @property
+    def optimizer(self) -> torch.optim.Optimizer:
+        return self.engine.optimizer
+
+    def step(self, views: list[torch.Tensor], step: int) -> torch.Tensor:
+        return self.engine.step(views, step, HPARAMS)[0]["loss"]
+
+
+class Bench:
+    """One setup's step on its inputs: synthetic views on the device (copied each step, as a host-to-device copy of
+    real batches would be) or the configured pipeline's batches."""
+
+    def __init__(self, setup: Setup, device: torch.device):
+        self.setup, self.device, self.cfg = setup, device, config(setup)
+        with mock.patch("fastvit_ssl.methods.beit.build_tokenizer", random_dalle_tokenizer):
+            self.impl = OfficialStep(self.cfg, device) if setup.baseline else Ours(self.cfg, device)
+        S = setup.img_size
+        self.views = [
+            torch.randint(0, 256, (setup.batch, S, S, 3), dtype=torch.uint8, device=device)
+            if self.cfg.data.uint8_views
+            else torch.randn(setup.batch, 3, S, S, device=device)
+            for _ in range(2)
+        ]
+        self.batches = None
+        if setup.data is not None:
+            self.batches = endless_batches(build_train_data(self.cfg, setup.data, device)[0])
+
+    def step(self) -> None:
+        views = [v.clone() for v in self.views] if self.batches is None else next(self.batches).views[:2]
+        self.impl.step(views, 0)
+
+    def phase_times(self, reps: int) -> dict[str, float]:
+        """Median milliseconds of each phase (synchronising at every boundary, so their sum exceeds a step)."""
+        samples = {p: [] for p in PHASES}
+        clock = [0.0]
+
+        def mark(phase: str) -> None:
+            sync(self.device)
+            now = time.perf_counter()
+            samples[phase].append((now - clock[0]) * 1e3)
+            clock[0] = now
+
+        self.impl.mark = mark
+        try:
+            for _ in range(reps):
+                sync(self.device)
+                clock[0] = time.perf_counter()
+                self.step()
+        finally:
+            self.impl.mark = no_mark
+        return {p: round(statistics.median(v), 3) if v else "" for p, v in samples.items()}
+
+
+def step_flops(cfg: Config, batch: int, keys: int) -> float:
     """Model FLOPs of one step of the method (the formulas in the module docstring)."""
     spec = ARCH_SPECS[cfg.model.arch]
     T, D, L, P = (cfg.model.img_size // spec.patch_size) ** 2 + 1, spec.embed_dim, spec.depth, spec.patch_size
@@ -130,135 +237,75 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize()
 
 
-class Trainer:
-    """One training step of the method, optionally split into timed phases (Method.step_losses, opened up)."""
-
-    def __init__(self, setup: Setup, device: torch.device):
-        overrides = [f"model.arch={setup.arch}", f"model.img_size={setup.img_size}", f"data.batch_size={setup.batch}"]
-        overrides.append(f"method.name={setup.method}")
-        if setup.method == "sit":
-            overrides += ["model.pos_embed=learned", "model.init=trunc_normal", "model.frozen_patch_embed=false"]
-        if setup.method == "beit":
-            grid = setup.img_size // ARCH_SPECS[setup.arch].patch_size
-            overrides += [f"beit.mask_patches={max(1, round(0.4 * grid * grid))}", "beit.mask_min_patches=1"]
-        if setup.arch == "vit_demo" and setup.method != "beit":
-            section = "sit" if setup.method == "sit" else "moco"
-            overrides += [f"{section}.dim=128", f"{section}.mlp_dim=1024"]
-        if setup.data is not None:
-            overrides += [f"data.root={setup.data}", f"data.backend={setup.backend}", "data.num_workers=4"]
-        if setup.uint8_views and not setup.baseline:
-            overrides.append("data.uint8_views=true")
-        if setup.compile and not setup.baseline:
-            overrides.append("model.compile=true")
-        self.cfg = load(BEIT_CONFIG if setup.method == "beit" else None, overrides)
-        self.setup, self.device = setup, device
-        ops = REFERENCE_OPS if setup.baseline else select_ops(setup.kernels, device)
-        self.fused = ops.fused
-        torch.manual_seed(0)
-        with mock.patch("fastvit_ssl.methods.beit.build_tokenizer", random_dalle_tokenizer):
-            self.model = build_method(self.cfg, ops).to(device)
-        if setup.baseline:  # torch's default AdamW, as the official scripts build it
-            groups = [{k: v for k, v in g.items() if k != "decay"} for g in self.model.param_groups()]
-            self.optimizer = torch.optim.AdamW(groups, lr=1e-4, weight_decay=0.1)
-        else:
-            self.optimizer = build_optimizer(self.cfg.optim, self.model.param_groups(), ops)
-        dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(setup.precision)
-        autocast = dtype and device.type != "meta"  # on meta, step_cost.py emulates autocast
-        self.autocast = torch.autocast(device.type, dtype=dtype) if autocast else contextlib.nullcontext()
-        self.scaler = torch.amp.GradScaler(device.type) if setup.precision == "fp16" else None
-        S, uint8 = setup.img_size, self.cfg.data.uint8_views
-        self.views = [
-            torch.randint(0, 256, (setup.batch, S, S, 3), dtype=torch.uint8, device=device)
-            if uint8
-            else torch.randn(setup.batch, 3, S, S, device=device)
-            for _ in range(2)
-        ]
-        self.batches = None  # real batches of the configured pipeline (torch or DALI) over the folder, if given
-        if setup.data is not None:
-            self.batches = endless_batches(build_train_data(self.cfg, setup.data, device)[0])
-        self.attention = ATTENTION[setup.attention]
-        for group in self.optimizer.param_groups:
-            group["lr"] = 1e-4
-
-    def ema(self) -> None:
-        if self.setup.baseline:
-            pairs = self.model.ema_pairs()
-            with torch.no_grad():
-                for b, m in pairs:
-                    m.data = m.data * 0.99 + b.data * (1.0 - 0.99)
-        else:
-            self.model.update_ema(0.99)
-
-    def step(self, mark=lambda phase: None) -> None:
-        """Inputs, forward, EMA, targets, loss, backward, optimizer; `mark` ends each phase."""
-        if self.batches is None:
-            views = [v.clone() for v in self.views]  # stands for the host-to-device copy of real batches
-        else:
-            views = [v.to(self.device, non_blocking=True) for v in next(self.batches).views[:2]]
-        mark("data")
-        batch = self.model.prepare(views, step=0)
-        mark("prepare")
-        backend = sdpa_kernel(self.attention) if self.attention is not None else contextlib.nullcontext()
-        with self.autocast, backend:
-            outputs = self.model.online(*self.model.online_inputs(batch))
-            mark("forward")
-            self.ema()
-            mark("ema")
-            targets = self.model.targets(batch)
-            mark("targets")
-            loss = self.model.losses(outputs, targets, batch)["loss"]
-            mark("loss")
-        if self.scaler is not None:
-            self.scaler.scale(loss).backward()
-            mark("backward")
-            self.scaler.step(self.optimizer)
-            self.scaler.update()
-        else:
-            loss.backward()
-            mark("backward")
-            self.optimizer.step()
-        self.optimizer.zero_grad(set_to_none=True)
-        mark("optimizer")
-
-    def phase_times(self, reps: int) -> dict[str, float]:
-        """Median milliseconds of each phase (synchronising at every boundary, so their sum exceeds a step)."""
-        samples = {p: [] for p in PHASES}
-        clock = [0.0]
-
-        def mark(phase: str) -> None:
-            sync(self.device)
-            now = time.perf_counter()
-            samples[phase].append((now - clock[0]) * 1e3)
-            clock[0] = now
-
-        for _ in range(reps):
-            sync(self.device)
-            clock[0] = time.perf_counter()
-            self.step(mark)
-        return {p: round(statistics.median(v), 3) for p, v in samples.items()}
+def allocated(device: torch.device) -> int:
+    return torch.cuda.memory_allocated() if device.type == "cuda" else 0
 
 
-def step_seconds(trainer: Trainer) -> float:
-    sync(trainer.device)
-    start = time.perf_counter()
-    trainer.step()
-    sync(trainer.device)
-    return time.perf_counter() - start
+def prepare(setups: list[Setup], device: torch.device) -> list[tuple[Bench, float, float]]:
+    """(bench, warm-up seconds, peak GiB) per setup. Each is built and warmed up (compilation, allocator) in turn,
+    its peak memory measured from a reset, less what the setups built before it hold: its own peak, as alone."""
+    prepared = []
+    for setup in setups:
+        before = allocated(device)
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats()
+        started = time.perf_counter()
+        bench = Bench(setup, device)
+        for _ in range(3):  # compilation; CUDA graphs are recorded at the second or third call
+            bench.step()
+        sync(device)
+        warmup = time.perf_counter() - started
+        peak = (torch.cuda.max_memory_allocated() - before) / 2**30 if device.type == "cuda" else float("nan")
+        prepared.append((bench, warmup, peak))
+    return prepared
 
 
-def run(setups: list[Setup], device: torch.device, steps: int, peak: float) -> list[dict]:
+def run(setups: list[Setup], device: torch.device, steps: int, peak: float, max_batch: bool) -> list[dict]:
     """Time the setups' steps interleaved (A B A B ...), so that drifts of the machine hit them alike."""
-    trainers = [Trainer(setup, device) for setup in setups]
-    for trainer in trainers:
-        for _ in range(2):  # warm-up: kernel compilation, allocator
-            trainer.step()
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats()
-    times = [[] for _ in trainers]
+    prepared = prepare(setups, device)
+    times = [[] for _ in prepared]
     for _ in range(steps):
-        for t, trainer in zip(times, trainers):
-            t.append(step_seconds(trainer))
-    return [row(trainer, t, peak, max(2, steps // 2)) for trainer, t in zip(trainers, times)]
+        for t, (bench, _, _) in zip(times, prepared):
+            sync(device)
+            start = time.perf_counter()
+            bench.step()
+            sync(device)
+            t.append(time.perf_counter() - start)
+    rows = [row(b, t, peak, max(2, steps // 2), warm, mem) for (b, warm, mem), t in zip(prepared, times)]
+    del prepared
+    if max_batch:  # eager runs with the first attention kernel: a compiled one would compile at every size
+        for r, setup in zip(rows, setups):
+            if not setup.compile and (setup.baseline or setup.attention == setups[0].attention):
+                r["max_batch"] = largest_batch(setup, device)
+    return rows
+
+
+def fits(setup: Setup, device: torch.device) -> bool:
+    """Whether one step of `setup` fits in the GPU's memory (a fresh build, freed afterwards)."""
+    try:
+        bench = Bench(setup, device)
+        bench.step()
+        sync(device)
+        return True
+    except torch.cuda.OutOfMemoryError:
+        return False
+    finally:
+        bench = None
+        gc.collect()
+        torch.cuda.empty_cache()
+
+
+def largest_batch(setup: Setup, device: torch.device, limit: int = 8192) -> int | str:
+    """The largest per-GPU batch (multiple of 8) one step of `setup` fits: doubling, then bisection."""
+    if device.type != "cuda":
+        return ""
+    low, high = 0, setup.batch
+    while high <= limit and fits(replace(setup, batch=high), device):
+        low, high = high, high * 2
+    while high - low > 8:
+        middle = (low + high) // 16 * 8
+        low, high = (middle, high) if fits(replace(setup, batch=middle), device) else (low, middle)
+    return low
 
 
 def paired_ratios(ours: dict, base: dict) -> list[float]:
@@ -268,32 +315,35 @@ def paired_ratios(ours: dict, base: dict) -> list[float]:
     return sorted(y / x for x, y in zip(a, b))
 
 
-def row(trainer: Trainer, times: list[float], peak: float, phase_reps: int) -> dict:
-    setup, median = trainer.setup, statistics.median(times)
-    flops = step_flops(trainer.cfg, setup.batch, keys=setup.batch)
-    cuda = trainer.device.type == "cuda"
+def row(bench: Bench, times: list[float], peak: float, phase_reps: int, warmup: float, memory: float) -> dict:
+    setup, cfg, median = bench.setup, bench.cfg, statistics.median(times)
+    flops = step_flops(cfg, setup.batch, keys=setup.batch * distributed.world_size())
     return {
         "mode": "baseline" if setup.baseline else "ours",
+        "form": setup.form,
         "method": setup.method,
         "arch": setup.arch,
         "batch": setup.batch,
         "img_size": setup.img_size,
         "precision": setup.precision,
-        "kernels": "fused" if trainer.fused else "reference",
-        "attention": setup.attention,
+        "kernels": "fused" if getattr(bench.impl, "fused", False) else "reference",
+        "attention": cfg.model.attention,
+        "compiled": cfg.model.compile_mode if cfg.model.compile else "eager",
+        "engine": "official loop" if setup.baseline else cfg.engine.name,
         "data": str(setup.data) if setup.data else "synthetic",
-        "views": "uint8" if trainer.cfg.data.uint8_views else "float",
-        "compiled": trainer.cfg.model.compile,
+        "views": "uint8" if cfg.data.uint8_views else "float",
         "images_per_second": round(setup.batch / median, 1),
         "step_ms": round(median * 1e3, 2),
         "step_ms_min": round(min(times) * 1e3, 2),
         "step_ms_max": round(max(times) * 1e3, 2),
         "step_ms_samples": " ".join(f"{t * 1e3:.3f}" for t in times),
+        "warmup_s": round(warmup, 1),
         "TFLOP/s": round(flops / median / 1e12, 3),
         "MFU": round(flops / median / 1e12 / peak, 4),
         "peak_TFLOP/s": round(peak, 2),
-        "peak_memory_GiB": round(torch.cuda.max_memory_allocated() / 2**30, 2) if cuda else "",
-        **{f"{p} ms": t for p, t in trainer.phase_times(phase_reps).items()},
+        "peak_memory_GiB": "" if memory != memory else round(memory, 2),
+        "max_batch": "",
+        **{f"{p} ms": t for p, t in bench.phase_times(phase_reps).items()},
     }
 
 
@@ -301,59 +351,85 @@ class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefau
     """The docstring as written, and every option's default."""
 
 
-def main(argv=None) -> list[dict]:
+def parse_args(argv):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
-    methods = ["mocov3", "sit", "beit", "all"]
-    parser.add_argument("--method", default="mocov3", choices=methods, help="all: with --suite")
+    parser.add_argument("--method", default="mocov3", choices=[*RECIPES, "all"], help="all: with --suite")
     parser.add_argument("--arch", default="vit_small", choices=sorted(ARCH_SPECS), help="the ViT")
     parser.add_argument("--batch", type=int, default=32, help="images per step (one device)")
     parser.add_argument("--img-size", type=int, default=224, help="pixels")
+    parser.add_argument("--precision", choices=["fp32", "bf16", "fp16"], help="default: bf16 / fp16 on CUDA, fp32 CPU")
+    parser.add_argument("--kernels", choices=["fused", "reference"], help="ours' (default: fused on CUDA)")
     parser.add_argument(
-        "--precision",
-        choices=["fp32", "bf16", "fp16"],
-        default=None,
-        help="default: bf16 (ours) / fp16 AMP (baseline) on CUDA, fp32 on CPU",
+        "--attention",
+        nargs="+",
+        default=["auto"],
+        help="ours' model.attention, one eager run each (unavailable: skipped)",
     )
-    parser.add_argument("--kernels", choices=["fused", "reference"], default="fused", help="ours (CUDA only)")
-    parser.add_argument("--attention", choices=sorted(ATTENTION), default="default", help="SDPA's backend")
-    parser.add_argument("--baseline", action="store_true", help="the official MoCo v3 code's way")
+    parser.add_argument(
+        "--compile", nargs="*", help="ours compiled with the first --attention, one run per mode (no mode: default)"
+    )
+    parser.add_argument("--engine", choices=["local", "deepspeed"], default="local", help="ours' engine")
+    parser.add_argument("--baseline", action="store_true", help="the official code's step only (both forms)")
+    parser.add_argument("--compare", action="store_true", help="ours and both forms of the baseline, with ratios")
+    parser.add_argument("--forms", nargs="+", default=[PINNED, MODERN], help="the baseline's attention forms")
     parser.add_argument("--data", type=Path, help="an ImageFolder root with train/ (default: synthetic tensors)")
     parser.add_argument("--backend", choices=["auto", "torch", "dali"], default="auto", help="with --data")
     parser.add_argument("--uint8-views", action="store_true", help="ours takes uint8 NHWC views (data.uint8_views)")
-    parser.add_argument("--compile", action="store_true", help="ours with model.compile=true (compiled blocks)")
-    parser.add_argument("--compare", action="store_true", help="ours and the baseline, with their ratio")
-    parser.add_argument("--suite", action="store_true", help="SUITE's cases of --method, both modes")
-    parser.add_argument("--steps", type=int, default=6, help="timed rounds (ours and the baseline alternate)")
+    parser.add_argument("--suite", action="store_true", help="SUITE's cases of --method, ours and the baseline")
+    parser.add_argument("--max-batch", action="store_true", help="also search the largest batch each fits (CUDA)")
+    parser.add_argument("--steps", type=int, default=6, help="timed rounds (the setups alternate)")
     parser.add_argument("--out", type=Path, help="CSV (and a .json beside it)")
-    args = parser.parse_args(argv)
+    return parser.parse_args(argv)
+
+
+def setups_for(args, method: str, arch: str, batch: int, device: torch.device) -> list[Setup]:
+    """Ours eager with each available --attention, compiled in each --compile mode, then the baseline's forms."""
+    cuda = device.type == "cuda"
+    ours = Setup(
+        arch,
+        batch,
+        args.img_size,
+        args.precision or ("bf16" if cuda else "fp32"),
+        args.kernels or ("fused" if cuda else "reference"),
+        args.attention[0],
+        method=method,
+        engine=args.engine,
+        uint8_views=args.uint8_views,
+        data=args.data,
+        backend=args.backend,
+    )
+    variants = [replace(ours, attention=a) for a in args.attention if available(replace(ours, attention=a), device)]
+    if args.compile is not None:
+        variants += [replace(ours, compile=mode) for mode in args.compile or ["default"]]
+    base = replace(ours, baseline=True, precision=args.precision or ("fp16" if cuda else "fp32"))
+    baselines = [replace(base, attention=form) for form in args.forms]
+    if args.baseline:
+        return baselines
+    return [*variants, *baselines] if args.compare or args.suite else variants
+
+
+def available(setup: Setup, device: torch.device) -> bool:
+    """Whether ours can run this setup's attention kernel here; says why not."""
+    cfg = config(setup)
+    try:
+        check_available(setup.attention, device, cfg.model.rel_pos_bias != "none", setup.precision)
+        return True
+    except AttentionUnavailable as e:
+        print(f"skipped: {e}")
+        return False
+
+
+def main(argv=None) -> list[dict]:
+    args = parse_args(argv)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    distributed.init_from_env(device)
     peak = measured_peak_tflops(device)
     cases = [(args.method, args.arch, args.batch)]
     if args.suite:
         cases = [(m, a, b) for m, a, b in SUITE if m == args.method or args.method == "all"]
-    modes = [False, True] if args.compare or args.suite else [args.baseline]
     rows = []
     for method, arch, batch in cases:
-        setups = []
-        for baseline in modes:
-            precision = args.precision or ("fp32" if device.type != "cuda" else "fp16" if baseline else "bf16")
-            setups.append(
-                Setup(
-                    arch,
-                    batch,
-                    args.img_size,
-                    precision,
-                    args.kernels,
-                    args.attention,
-                    baseline,
-                    args.data,
-                    args.backend,
-                    args.uint8_views,
-                    method,
-                    args.compile,
-                )
-            )
-        rows += run(setups, device, args.steps, peak)
+        rows += run(setups_for(args, method, arch, batch, device), device, args.steps, peak, args.max_batch)
         if device.type == "cuda":
             torch.cuda.empty_cache()
     meta = {
@@ -363,9 +439,10 @@ def main(argv=None) -> list[dict]:
         **runinfo.versions(),
     }
     rows = [{**r, **meta} for r in rows]
-    print_summary(rows)
-    if args.out:
-        write_rows(rows, args.out)
+    if distributed.is_main():
+        print_summary(rows)
+        if args.out:
+            write_rows(rows, args.out)
     return rows
 
 
@@ -379,20 +456,23 @@ def print_summary(rows: list[dict]) -> None:
         {
             **r,
             "step ms (min-max)": f"{r['step_ms']} ({r['step_ms_min']}-{r['step_ms_max']})",
-            "setup": f"{r['precision']} {r['kernels']}{' compiled' if r['compiled'] else ''} {r['views']}",
+            "setup": f"{r['precision']} {r['kernels']} {r['attention']} {r['compiled']} {r['views']}",
         }
         for r in rows
     ]  # display columns, not written to the CSV
-    print_table(shown, ["mode", "method", "arch", "batch", "setup", "images_per_second", "step ms (min-max)", "MFU"])
+    columns = ["form", "method", "arch", "batch", "setup", "images_per_second", "step ms (min-max)", "MFU"]
+    print_table(shown, [*columns, "warmup_s", "peak_memory_GiB", "max_batch"])
     print("\nper phase, median ms (synchronised at each boundary):")
-    print_table(rows, ["mode", "arch", *[f"{p} ms" for p in PHASES]])
-    for ours, base in zip(rows[::2], rows[1::2]):
-        if ours["mode"] == "ours" and base["mode"] == "baseline" and ours["arch"] == base["arch"]:
+    print_table(rows, ["form", "arch", *[f"{p} ms" for p in PHASES]])
+    for ours in (r for r in rows if r["mode"] == "ours"):
+        for base in (
+            r for r in rows if r["mode"] == "baseline" and (r["method"], r["arch"]) == (ours["method"], ours["arch"])
+        ):
             ratios = paired_ratios(ours, base)
             ratio, low, high = base["step_ms"] / ours["step_ms"], ratios[0], ratios[-1]
             verdict = "within noise" if low <= 1.0 <= high else ("faster" if low > 1.0 else "slower")
             print(
-                f"{ours['arch']} batch {ours['batch']}: ours / baseline = {ratio:.2f}x "
+                f"{ours['method']} {ours['arch']} batch {ours['batch']}: ours / {base['form']} = {ratio:.2f}x "
                 f"(per round {low:.2f}-{high:.2f} over {len(ratios)} rounds: {verdict})"
             )
             if verdict == "within noise" or len(ratios) < 5:

@@ -32,6 +32,8 @@ class ModelConfig:
     global_pool: Literal["token", "avg", "avg_normed"] = "token"  # avg_normed: mean of the normed tokens (BEiT)
     grad_checkpointing: bool = False  # recompute ViT block activations in the backward pass to save memory
     compile: bool = False  # torch.compile every encoder block: LayerNorm, GELU, bias and residual adds fused
+    # torch.compile's mode: reduce-overhead and max-autotune replay CUDA graphs (static shapes: a ViT's are)
+    compile_mode: Literal["default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"] = "default"
     pos_embed: Literal["sincos", "learned", "none"] = "sincos"  # fixed 2-D sin-cos (MoCo v3), learned (SiT), none
     init: Literal["mocov3", "trunc_normal", "beit"] = "mocov3"  # xavier; DeiT's truncated normal (0.02); + BEiT's
     num_heads: int = 0  # 0: the arch's (MoCo v3's ViT-S has 12 heads, DeiT's and SiT's 6)
@@ -139,7 +141,7 @@ class RunConfig:
     name: str = ""  # run folder is out_dir/name; "": <config file name>, or <config>-<data folder> with data.root
     seed: int = 0
     device: Literal["auto", "cpu", "cuda"] = "auto"
-    precision: Literal["fp32", "bf16"] = "fp32"
+    precision: Literal["fp32", "bf16", "fp16"] = "fp32"  # fp16: with dynamic loss scaling, for GPUs without bf16
     kernels: Literal["reference", "fused"] = "reference"
     log_every: int = 10  # steps between progress lines
     ckpt_every: int = 0  # steps between checkpoints; 0: once per epoch

@@ -8,8 +8,17 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
+
+import train
+from fastvit_ssl.config import load
+from fastvit_ssl.data.build import build_train_data
+from fastvit_ssl.methods.base import PHASES
+from fastvit_ssl.monitor import read_metrics
+from fastvit_ssl.optim import schedules
 
 REPO = Path(__file__).resolve().parents[1]
+CPU = torch.device("cpu")
 
 
 def run_script(name: str, args: list[str], out: Path) -> list[dict]:
@@ -24,15 +33,40 @@ def run_script(name: str, args: list[str], out: Path) -> list[dict]:
 def test_throughput_compares_ours_on_uint8_views_with_the_baseline(tmp_path, method):
     args = ["--compare", "--arch", "vit_demo", "--img-size", "28", "--batch", "8", "--steps", "1", "--uint8-views"]
     rows = run_script("throughput.py", [*args, "--method", method], tmp_path / "throughput.csv")
-    assert [(r["mode"], r["views"], r["method"]) for r in rows] == [
-        ("ours", "uint8", method),
-        ("baseline", "float", method),
+    assert [(r["form"], r["views"], r["method"], r["attention"]) for r in rows] == [
+        ("ours (auto, eager)", "uint8", method, "auto"),
+        ("baseline (timm 0.4.9 attention)", "float", method, "explicit"),
+        ("baseline (SDPA)", "float", method, "auto"),
     ]
     for r in rows:
         assert float(r["images_per_second"]) > 0 and float(r["step_ms"]) > 0 and float(r["MFU"]) > 0
-        phases = ("data", "prepare", "forward", "ema", "targets", "loss", "backward", "optimizer")
-        assert all(float(r[f"{phase} ms"]) >= 0 for phase in phases)
+        assert float(r["warmup_s"]) > 0
+        # every phase is marked from inside the step (methods without EMA mark an empty one)
+        assert all(float(r[f"{phase} ms"]) >= 0 for phase in PHASES)
     assert (tmp_path / "throughput.json").exists()
+
+
+def test_the_benchmark_times_the_step_train_py_runs(tiny_overrides):
+    """throughput.py's step is the engine's, built as train.py builds it: after train.py's first step and the
+    benchmark's on the same batch with the same hyperparameters, the same loss and weights, bit for bit."""
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    from throughput import Ours
+
+    overrides = [*tiny_overrides, "run.stop_at_step=1", "eval.knn_every_epochs=0"]
+    summary = train.main(overrides)
+    cfg = load(train.DEFAULT_CONFIG, overrides)  # what train.main(overrides) loads
+    ours = Ours(cfg, CPU)
+    loader = build_train_data(cfg, Path(cfg.data.root), CPU)[0]
+    loader.start(0)
+    views = next(iter(loader)).views
+    momentum = ours.model.momentum(0.0, cfg.optim.epochs)
+    peak_lr = schedules.peak_learning_rate(cfg.optim.base_lr, cfg.data.batch_size)
+    loss = ours.engine.step(views, 0, schedules.hyperparameters(cfg.optim, 0.0, peak_lr, momentum))[0]["loss"]
+    first = next(r for r in read_metrics(Path(summary["run_dir"]) / "metrics.jsonl") if "loss" in r)
+    assert loss.item() == first["loss"]
+    stored = torch.load(summary["checkpoint"], weights_only=False)["model"]
+    assert stored.keys() == ours.model.state_dict().keys()
+    assert all(torch.equal(stored[k], v) for k, v in ours.model.state_dict().items())
 
 
 def test_data_rates_each_backend_and_output(tmp_path):
@@ -50,10 +84,20 @@ def test_gpu_suite_rehearsal_runs_every_part(tmp_path):
         ["bash", str(REPO / "benchmarks" / "gpu_suite.sh"), str(tmp_path)], capture_output=True, text=True, env=env
     )
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-2000:]
-    for name in ("kernel_tests.txt", "kernels.csv", "throughput.csv", "throughput-compiled-0.csv", "data.csv"):
+    files = ["kernel_tests.txt", "throughput-decision.csv", "DECISION.md", "data.csv"]
+    for name in [*files, *(f"throughput-{i}.csv" for i in range(3))]:
         assert (tmp_path / name).stat().st_size > 0, name
-    with (tmp_path / "throughput-compiled-0.csv").open() as f:
-        assert [r["compiled"] for r in csv.DictReader(f)] == ["True", "False"]  # ours compiled, the baseline eager
+    with (tmp_path / "throughput-decision.csv").open() as f:
+        rows = [(r["form"], r["compiled"]) for r in csv.DictReader(f)]
+    assert rows == [  # efficient attention has no CPU kernel: skipped with a message
+        ("ours (auto, eager)", "eager"),
+        ("ours (math, eager)", "eager"),
+        ("ours (flash, eager)", "eager"),
+        ("ours (auto, compiled default)", "default"),
+        ("baseline (timm 0.4.9 attention)", "eager"),
+        ("baseline (SDPA)", "eager"),
+    ]
+    assert "| mocov3 | vit_demo |" in (tmp_path / "DECISION.md").read_text()
 
 
 def test_lm_head_memory_measures_both_heads(tmp_path):

@@ -28,7 +28,7 @@ from fastvit_ssl import checkpoint, distributed
 from fastvit_ssl.config import Config, to_deepspeed
 from fastvit_ssl.engine.local import layer_groups
 from fastvit_ssl.kernels.dispatch import Ops
-from fastvit_ssl.methods.base import Method
+from fastvit_ssl.methods.base import Method, no_mark
 from fastvit_ssl.optim.build import build_optimizer
 from fastvit_ssl.optim.schedules import Hyperparameters, set_hyperparameters
 from fastvit_ssl.optim.trust_ratio import Fragment, TrustRatioOptimizer
@@ -57,6 +57,7 @@ class DeepSpeedEngine:
         if isinstance(client_optimizer, TrustRatioOptimizer) and self.optimizer is not client_optimizer:
             params = list(model.online.parameters())
             client_optimizer.partition_like_zero(zero_layout(self.optimizer, params), len(params))
+        self.mark = no_mark  # the phase hook (methods/base.py); the benchmarks set theirs
 
     def step(self, views: list[torch.Tensor], step: int, hparams: Hyperparameters, poison: bool = False):
         """Training iteration `step` on this rank's share of the global batch: (detached metrics, finite). A
@@ -66,12 +67,16 @@ class DeepSpeedEngine:
         views = [v.to(self.device, non_blocking=True) for v in views]
         set_hyperparameters(self.optimizer, hparams)
         buffers = [b.clone() for b in self.model.buffers()]  # BN running statistics: small
-        losses = self.model.step_losses(views, step, hparams.momentum, self.forward_online, self.update_ema)
+        self.mark("data")
+        losses = self.model.step_losses(
+            views, step, hparams.momentum, self.forward_online, self.update_ema, mark=self.mark
+        )
         loss = losses["loss"] * float("nan") if poison else losses["loss"]
         finite = bool(distributed.all_reduce_mean(torch.isfinite(loss).float()) == 1)  # every rank decides alike
         layer_norms = {}
         if finite:
             self.ds.backward(loss)
+            self.mark("backward")
             layer_norms = self.grad_norms_by_layer()  # before step: ZeRO frees the gradients there
             self.ds.step()
         norm = self.ds.get_global_grad_norm() if finite else None
@@ -79,6 +84,7 @@ class DeepSpeedEngine:
         finite = finite and bool(torch.isfinite(grad_norm))
         if not finite:
             torch._foreach_copy_(list(self.model.buffers()), buffers)
+        self.mark("optimizer")
         return {**losses, "loss": loss.detach(), "grad_norm": grad_norm, **layer_norms}, finite
 
     def grad_norms_by_layer(self) -> dict[str, torch.Tensor]:

@@ -9,7 +9,7 @@ import torch
 from torch.nn.parallel import DistributedDataParallel
 
 from fastvit_ssl import checkpoint, distributed
-from fastvit_ssl.methods.base import Method
+from fastvit_ssl.methods.base import Method, no_mark
 from fastvit_ssl.optim.schedules import Hyperparameters, set_hyperparameters
 
 
@@ -20,7 +20,9 @@ class LocalEngine:
         model: the method (fastvit_ssl.methods.base.Method), already on `device`; DDP wraps its `online` module.
         optimizer: over the method's parameter groups.
         device: where the model lives.
-        precision: "fp32", or "bf16" for autocast on CUDA (the CPU demo and tests run fp32).
+        precision: "fp32"; "bf16" (autocast); or "fp16" (autocast with dynamic loss scaling, torch's GradScaler, for
+            GPUs without bf16: a step whose scaled gradients overflow is skipped, counted in `overflows`, and the
+            scale halved; not a non-finite step for the guard).
         clip_grad: max gradient norm; 0 disables clipping (the norm is still measured).
         clip_mode: "global" (one norm over all tensors) or "per_tensor" (each tensor on its own, as SiT/DINO).
     """
@@ -37,15 +39,18 @@ class LocalEngine:
         self.model, self.optimizer, self.device = model, optimizer, device
         self.clip_grad, self.clip_mode = clip_grad, clip_mode
         self.params = [p for group in optimizer.param_groups for p in group["params"]]
+        self.grad_norms = GradientNorms(model, self.params)
         if distributed.world_size() > 1:
             self.online = DistributedDataParallel(
                 model.online, device_ids=[device.index] if device.type == "cuda" else None
             )
         else:
             self.online = model.online
-        self.autocast = (
-            torch.autocast(device.type, dtype=torch.bfloat16) if precision == "bf16" else contextlib.nullcontext()
-        )
+        dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
+        self.autocast = torch.autocast(device.type, dtype=dtype) if dtype else contextlib.nullcontext()
+        self.scaler = torch.amp.GradScaler(device.type) if precision == "fp16" else None
+        self.overflows = 0  # fp16 steps skipped by the loss scaler
+        self.mark = no_mark  # the phase hook (methods/base.py); the benchmarks set theirs
 
     def step(self, views: list[torch.Tensor], step: int, hparams: Hyperparameters, poison: bool = False):
         """Training iteration `step` on this rank's share of the global batch: (detached metrics, finite). A step
@@ -54,19 +59,30 @@ class LocalEngine:
         views = [v.to(self.device, non_blocking=True) for v in views]
         set_hyperparameters(self.optimizer, hparams)
         buffers = [b.clone() for b in self.model.buffers()]  # BN running statistics: small
+        self.mark("data")
         with self.autocast:
-            losses = self.model.step_losses(views, step, hparams.momentum, online=self.online)
+            losses = self.model.step_losses(views, step, hparams.momentum, online=self.online, mark=self.mark)
         loss = losses["loss"] * float("nan") if poison else losses["loss"]
-        loss.backward()
-        layer_norms = grad_norms_by_layer(self.model)
-        grad_norm = clip_gradients(self.params, self.clip_grad, self.clip_mode)
+        (loss if self.scaler is None else self.scaler.scale(loss)).backward()
+        self.mark("backward")
+        if self.scaler is not None:
+            self.scaler.unscale_(self.optimizer)  # norms, clipping and the update see the true gradients
+        grad_norm, layer_norms = self.grad_norms(self.clip_grad, self.clip_mode)
         finite = bool(torch.isfinite(loss) & torch.isfinite(grad_norm))  # one device sync per step
         if finite:
             self.optimizer.step()
         else:
             torch._foreach_copy_(list(self.model.buffers()), buffers)
+        metrics = {**losses, "loss": loss.detach(), "grad_norm": grad_norm.detach(), **layer_norms}
+        if self.scaler is not None:
+            metrics["loss_scale"] = self.scaler.get_scale()  # before update: the scale this step used
+            self.scaler.update()  # halved after an overflow, doubled after 2,000 clean steps
+            if not finite and bool(torch.isfinite(loss)):  # the gradients overflowed: the scaler's business
+                self.overflows += 1
+                finite = True
         self.optimizer.zero_grad(set_to_none=True)
-        return {**losses, "loss": loss.detach(), "grad_norm": grad_norm.detach(), **layer_norms}, finite
+        self.mark("optimizer")
+        return metrics, finite
 
     def checkpoints(self, run_dir: Path) -> list[Path]:
         """Complete checkpoints in the run folder, oldest first."""
@@ -77,6 +93,8 @@ class LocalEngine:
         path = checkpoint.path_for(run_dir, step)
         if distributed.is_main():
             state = {**client_state, "model": self.model.state_dict(), "optimizer": self.optimizer.state_dict()}
+            if self.scaler is not None:
+                state["scaler"] = self.scaler.state_dict()
             checkpoint.save(path, state)
             checkpoint.prune(run_dir, keep_last)
         distributed.barrier()
@@ -89,18 +107,22 @@ class LocalEngine:
         checkpoint.check_compatible(state["config"], config, path)
         self.model.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
+        if self.scaler is not None and "scaler" in state:
+            self.scaler.load_state_dict(state["scaler"])
         return state
 
 
-def clip_gradients(params: list[torch.Tensor], max_norm: float, mode: str = "global") -> torch.Tensor:
-    """Clip in place; returns the global gradient norm before clipping. "per_tensor" scales each tensor whose own
-    norm exceeds max_norm by max_norm / (norm + 1e-6) (DINO's and SiT's clip_gradients); 0 disables clipping."""
-    if mode == "global" or not max_norm:
-        return torch.nn.utils.clip_grad_norm_(params, max_norm or float("inf"))
-    grads = [p.grad for p in params if p.grad is not None]
-    norms = torch._foreach_norm(grads)
-    torch._foreach_mul_(grads, [(max_norm / (n + 1e-6)).clamp(max=1.0) for n in norms])
-    return torch.linalg.vector_norm(torch.stack(norms))
+def clip_gradients(grads: list[torch.Tensor], norms: torch.Tensor, max_norm: float, mode: str = "global") -> None:
+    """Scale `grads` in place from their norms [P]: "global" by max_norm / (total norm + 1e-6) when the total
+    exceeds max_norm (torch's clip_grad_norm_), "per_tensor" each tensor whose own norm exceeds max_norm (DINO's
+    and SiT's clip_gradients); max_norm 0 leaves them (and launches nothing)."""
+    if not max_norm:
+        return
+    if mode == "global":
+        scale = (max_norm / (torch.linalg.vector_norm(norms) + 1e-6)).clamp(max=1.0)
+        torch._foreach_mul_(grads, scale)
+    else:
+        torch._foreach_mul_(grads, list((max_norm / (norms + 1e-6)).clamp(max=1.0).unbind()))
 
 
 def layer_groups(method: Method) -> dict[str, list[torch.nn.Parameter]]:
@@ -123,11 +145,27 @@ def layer_groups(method: Method) -> dict[str, list[torch.nn.Parameter]]:
     return groups
 
 
-def grad_norms_by_layer(method: Method) -> dict[str, torch.Tensor]:
-    """Gradient norm of each of `layer_groups`."""
-    norms = {}
-    for key, params in layer_groups(method).items():
-        grads = [p.grad for p in params if p.grad is not None]
-        if grads:
-            norms[key] = torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads)))
-    return norms
+class GradientNorms:
+    """Every gradient's norm in one multi-tensor pass; from them the global norm and the norm of each of
+    `layer_groups`, and the clipping (a handful of launches in all, whatever the number of tensors)."""
+
+    def __init__(self, method: Method, params: list[torch.nn.Parameter]):
+        groups = layer_groups(method)
+        self.names = list(groups)
+        group_of = {id(p): i for i, ps in enumerate(groups.values()) for p in ps}
+        self.params, self.group_of = params, [group_of.get(id(p), -1) for p in params]
+        self.index: dict[tuple, torch.Tensor] = {}  # which tensors have gradients -> their groups, on the device
+
+    def __call__(self, max_norm: float, mode: str) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """(global norm before clipping, {layer: norm}); the gradients clipped in place."""
+        present = tuple(p.grad is not None for p in self.params)
+        grads = [p.grad for p in self.params if p.grad is not None]
+        norms = torch.stack(torch._foreach_norm(grads))  # (P,)
+        if present not in self.index:
+            groups = [g for g, has in zip(self.group_of, present) if has]
+            self.index[present] = torch.tensor(groups, device=norms.device)
+        groups = self.index[present]
+        squares = norms.square().to(torch.promote_types(norms.dtype, torch.float32))
+        per_layer = squares.new_zeros(len(self.names) + 1).index_add_(0, groups + 1, squares)  # slot 0: no layer
+        clip_gradients(grads, norms, max_norm, mode)
+        return squares.sum().sqrt(), dict(zip(self.names, per_layer[1:].sqrt().unbind()))

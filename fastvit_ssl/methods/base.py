@@ -10,6 +10,9 @@ One step, as both engines run it (`step_losses`):
     losses = method.losses(outputs, targets, batch)  # {"loss": total, "loss/<part>": ...}
 
 then backward and the optimizer step. A new method is one file in this folder and a config section.
+
+Engines and the method call `mark(phase)` when each phase of PHASES ends; training marks nothing (`no_mark`),
+the benchmarks time and count the phases of this very step through it.
 """
 
 from __future__ import annotations
@@ -22,6 +25,12 @@ from torch import nn
 
 from fastvit_ssl.methods.ema import ema_update_ref_
 from fastvit_ssl.models.vit import VisionTransformer
+
+PHASES = ("data", "prepare", "ema", "targets", "forward", "loss", "backward", "optimizer")
+
+
+def no_mark(phase: str) -> None:
+    """The phase hook of a training run: nothing."""
 
 
 class Method(nn.Module):
@@ -76,6 +85,11 @@ class Method(nn.Module):
         if pairs:
             self.ema_fn([e for _, e in pairs], [p for p, _ in pairs], momentum)
 
+    def encode_views_in_one_pass(self, enabled: bool) -> None:
+        """Whether the views of a step share one encoder pass (the default). The benchmarks' baseline turns it off
+        for methods whose official code encodes them one by one; a method with one view, or whose official code
+        batches them too, has nothing to switch."""
+
     def param_groups(self) -> list[dict]:
         """Optimizer groups of the trained parameters; "decay" says whether weight decay applies."""
         return [{"params": [p for p in self.online.parameters() if p.requires_grad], "decay": True}]
@@ -87,14 +101,21 @@ class Method(nn.Module):
         momentum: float,
         online: Callable | None = None,
         update_ema: Callable | None = None,
+        mark: Callable[[str], None] = no_mark,
     ) -> dict[str, torch.Tensor]:
-        """The forward half of a training step (see the module docstring); engines pass their wrapped `online`
-        and, under ZeRO-3, their own `update_ema`."""
+        """The forward half of a training step (see the module docstring); engines pass their wrapped `online`,
+        under ZeRO-3 their own `update_ema`, and their phase hook."""
         batch = self.prepare(views, step)
+        mark("prepare")
         (update_ema or self.update_ema)(momentum)
+        mark("ema")
         targets = self.targets(batch)
+        mark("targets")
         outputs = (online or self.online)(*self.online_inputs(batch))
-        return self.losses(outputs, targets, batch)
+        mark("forward")
+        losses = self.losses(outputs, targets, batch)
+        mark("loss")
+        return losses
 
     def pictures(self, images: torch.Tensor, path) -> bool:
         """Write the method's pictures of `images` ([B, 3, H, W] normalised) to `path`; False if it has none."""

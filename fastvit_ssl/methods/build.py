@@ -16,7 +16,7 @@ METHODS = {"mocov3": (MoCoV3, build_mocov3), "sit": (SiT, build_sit), "beit": (B
 def build_method(cfg: Config, ops: Ops = REFERENCE_OPS) -> Method:
     method = METHODS[cfg.method.name][1](cfg, ops)
     if cfg.model.compile:  # after the momentum copies exist: they are compiled too
-        compile_blocks(method)
+        compile_blocks(method, cfg.model.compile_mode)
     return method
 
 

@@ -19,6 +19,15 @@ from fastvit_ssl.models.heads import predictor, projector
 from fastvit_ssl.optim import schedules
 
 
+def encode_views(encoder: nn.Module, x1: torch.Tensor, x2: torch.Tensor, one_pass: bool) -> list[torch.Tensor]:
+    """Features [N, D] of both views: one encoder pass over the 2N images (a ViT has no op across samples, so it
+    equals two passes, in half the kernel launches and with twice the rows per matrix product), or one pass per
+    view as the official code."""
+    if one_pass:
+        return list(encoder(torch.cat([x1, x2])).chunk(2))  # (2N, D) -> 2 x (N, D)
+    return [encoder(x1), encoder(x2)]
+
+
 class QueryNetwork(nn.Module):
     """The trained part: base encoder -> projector -> predictor. Engines that wrap the trained parameters (DDP,
     DeepSpeed) wrap this module alone; the momentum networks stay outside, in fp32."""
@@ -28,10 +37,11 @@ class QueryNetwork(nn.Module):
         self.base_encoder = encoder
         self.base_projector = projector(encoder.embed_dim, mlp_dim, dim)
         self.predictor = predictor(dim, mlp_dim)
+        self.one_pass = True  # see encode_views
 
     def forward(self, x1: torch.Tensor, x2: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """[N, C, H, W] x 2 -> queries q1, q2 [N, dim]; the heads' BN sees each view on its own."""
-        f1, f2 = self.base_encoder(x1), self.base_encoder(x2)  # (N, D) each
+        f1, f2 = encode_views(self.base_encoder, x1, x2, self.one_pass)
         return self.predictor(self.base_projector(f1)), self.predictor(self.base_projector(f2))
 
 
@@ -67,14 +77,17 @@ class MoCoV3(Method):
         self.momentum_encoder = copy.deepcopy(encoder).requires_grad_(False)
         self.momentum_projector = copy.deepcopy(self.online.base_projector).requires_grad_(False)
 
+    def encode_views_in_one_pass(self, enabled: bool) -> None:
+        self.online.one_pass = enabled  # the official builder.py: one pass per view
+
     def momentum(self, epoch: float, epochs: float) -> float:
         return schedules.moco_momentum(epoch, epochs, self.base_momentum, self.momentum_cosine)
 
     @torch.no_grad()
     def targets(self, batch) -> tuple[torch.Tensor, torch.Tensor]:
         """Momentum encoder + projector: keys k1, k2 [N, dim], from the views the queries see."""
-        x1, x2 = batch["views"][:2]
-        return self.momentum_projector(self.momentum_encoder(x1)), self.momentum_projector(self.momentum_encoder(x2))
+        f1, f2 = encode_views(self.momentum_encoder, *batch["views"][:2], self.online.one_pass)
+        return self.momentum_projector(f1), self.momentum_projector(f2)
 
     def online_inputs(self, batch) -> tuple:
         return tuple(batch["views"][:2])

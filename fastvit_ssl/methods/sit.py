@@ -19,7 +19,7 @@ from torch import nn
 
 from fastvit_ssl import distributed
 from fastvit_ssl.config import Config, SitConfig
-from fastvit_ssl.data.gmml import Draws, corrupt, replace_from_batch, take_rounds_ref
+from fastvit_ssl.data.gmml import Draws, corrupt, generator, replace_from_batch, take_rounds_ref
 from fastvit_ssl.kernels.dispatch import REFERENCE_OPS, Ops
 from fastvit_ssl.methods.base import Method
 from fastvit_ssl.methods.ema import ema_update_ref_
@@ -95,9 +95,9 @@ class SiT(Method):
         whatever the number of ranks (see data/gmml.py)."""
         clean = [normalize_uint8(v) if v.dtype == torch.uint8 else v for v in views[:2]]
         B, device, rank, world = clean[0].shape[0], clean[0].device, distributed.rank(), distributed.world_size()
-        shared = torch.Generator(device).manual_seed((self.seed << 32) + step)
-        noise = torch.Generator(device).manual_seed((self.seed << 32) + step + (rank + 1 << 48))
-        draws = Draws(shared, offset=rank * B, total=world * B)
+        shared = generator(device, (self.seed << 32) + step)
+        noise = generator(device, (self.seed << 32) + step + (rank + 1 << 48))
+        draws = Draws(shared, offset=rank * B, total=world * B, device=device)
         corrupted, masks = zip(*(self.corrupt(v, draws, noise) for v in clean))
         return {"clean": torch.cat(clean), "corrupted": torch.cat(corrupted), "mask": torch.cat(masks)}
 
@@ -143,8 +143,8 @@ class SiT(Method):
 
         was_training = self.training
         self.eval()
-        generator = torch.Generator(images.device).manual_seed(self.seed)
-        corrupted, _ = self.corrupt(images, Draws(generator), generator)
+        seeded = torch.Generator(images.device).manual_seed(self.seed)
+        corrupted, _ = self.corrupt(images, Draws(seeded), seeded)
         recon = self.online(corrupted)[1].float()
         self.train(was_training)
         rows = {"clean": images, "corrupted": corrupted, "reconstructed": recon}

@@ -231,13 +231,14 @@ class Block(nn.Module):
         return x + drop_path(self.ls2(self.mlp(self.norm2(x))), self.drop_path_rate, self.training)
 
 
-def compile_blocks(model: nn.Module) -> None:
-    """torch.compile every transformer block of `model` in place (parameter names unchanged). The blocks' element-
-    wise work (LayerNorm, GELU, bias and residual adds) fuses into few kernels; patch embedding and heads, with
-    their own fused kernels, stay as they are. Blocks of one shape share their compiled code."""
+def compile_blocks(model: nn.Module, mode: str = "default") -> None:
+    """torch.compile every transformer block of `model` in place (parameter names unchanged), in torch.compile's
+    `mode`. The blocks' element-wise work (LayerNorm, GELU, bias and residual adds) fuses into few kernels, forward
+    and backward, the momentum encoder's too; patch embedding and heads, with their own fused kernels, stay as they
+    are. Blocks of one shape share their compiled code."""
     for module in model.modules():
         if isinstance(module, Block):
-            module.compile()
+            module.compile(mode=mode)
 
 
 class VisionTransformer(nn.Module):
