@@ -6,6 +6,7 @@ import datetime
 import gc
 import logging
 import os
+import socket
 
 import torch
 import torch.distributed as dist
@@ -38,6 +39,20 @@ def init_from_env(device: torch.device, timeout_s: float = 600.0) -> None:
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
     dist.init_process_group(backend, timeout=datetime.timedelta(seconds=timeout_s))
     log.info("joined process group: rank %d of %d (%s)", rank(), world_size(), backend)
+
+
+def init_single_process(device: torch.device) -> None:
+    """A process group of one, for what needs a group even alone (DeepSpeed, started without a launcher): the
+    environment a launcher would set, on a free local port."""
+    if is_initialized():
+        return
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    for key, value in {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "RANK": "0", "LOCAL_RANK": "0"}.items():
+        os.environ.setdefault(key, value)
+    os.environ["WORLD_SIZE"] = "1"
+    dist.init_process_group("nccl" if device.type == "cuda" else "gloo", world_size=1, rank=0)
 
 
 def shutdown(wait_for_others: bool = True) -> None:

@@ -167,3 +167,12 @@ def test_deepspeed_launcher_trains_resumes_and_consolidates(tiny_overrides, tmp_
     state = torch.load(tmp_path / "model.pt", weights_only=True)
     assert state["step"] == 6
     build_mocov3(from_dict(state["config"])).load_state_dict(state["model"])  # strict: every key present
+
+
+def test_deepspeed_runs_without_a_launcher(tiny_overrides):
+    """`python train.py engine.name=deepspeed`: a process group of one, instead of DeepSpeed's MPI discovery."""
+    cmd = [sys.executable, "train.py", *tiny_overrides, "engine.name=deepspeed", "run.stop_at_step=1"]
+    env = {k: v for k, v in ENV.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")}
+    result = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env, cwd=Path(__file__).parents[1])
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "deepspeed/step00000001" in result.stdout

@@ -48,6 +48,7 @@ class DeepSpeedEngine:
     def __init__(self, model: Method, cfg: Config, device: torch.device, ops: Ops):
         import deepspeed
 
+        distributed.init_single_process(device)  # `python train.py engine.name=deepspeed`: a group of one
         self.model, self.device, self.stage = model, device, cfg.engine.zero_stage
         self.dtype = torch.bfloat16 if cfg.run.precision == "bf16" else torch.float32
         client_optimizer = build_optimizer(cfg.optim, model.param_groups(), ops)
