@@ -13,7 +13,7 @@ import train
 from fastvit_ssl.config import ConfigError, load
 from fastvit_ssl.eval import export, finetune
 from fastvit_ssl.eval.encoder import adapt_state, load_encoder
-from fastvit_ssl.methods.beit import IGNORE
+from fastvit_ssl.methods.beit import IGNORE, LMHead
 from fastvit_ssl.methods.build import build_method
 from fastvit_ssl.models.vit import Attention, Block, RelativePositionBias, VisionTransformer
 from fastvit_ssl.monitor import read_metrics
@@ -82,16 +82,39 @@ def test_mask_token_replaces_masked_patch_embeddings():
     assert torch.equal(x[:, 1:][~mask], plain[:, 1:][~mask]) and torch.equal(x[:, 0], plain[:, 0])
 
 
-def test_beit_init_shrinks_residual_outputs_with_depth():
+def test_beit_init_is_the_official_truncation_at_one_std():
+    """The official modeling code calls timm's trunc_normal_(std=0.02, a=-std, b=std): N(0, 0.02) cut at +-0.02,
+    whose standard deviation is 0.02 sqrt(1 - 2 phi(1) / (2 Phi(1) - 1)) = 0.0108 and kurtosis ~1.9 (3 for a
+    normal); every Linear, the patch convolution (bias 0), class and [MASK] tokens, then attn.proj and mlp.fc2 of
+    block l divided by sqrt(2 l)."""
+    phi, Phi = math.exp(-0.5) / math.sqrt(2 * math.pi), 0.5 * (1 + math.erf(1 / math.sqrt(2)))
+    var = 1 - 2 * phi / (2 * Phi - 1)  # of N(0, 1) cut at +-1 (by parts: E z^2 = 1 - 2 a phi(a) / Z at a = 1)
+    fourth = 3 * var - 2 * phi / (2 * Phi - 1)  # E z^4 = 3 E z^2 - 2 a^3 phi(a) / Z
+    unit_std, unit_kurtosis = math.sqrt(var), fourth / var**2
     torch.manual_seed(0)
-    vit = VisionTransformer("vit_small", 224, **BEIT_VIT)
-    # N(0, 0.02) (truncated at +-2, i.e. +-100 std: no change), then / sqrt(2 layer). The sample std of n values
-    # has a relative standard error of 1 / sqrt(2n): 0.18% for 384 x 384, so 2% is > 10 standard errors.
+    vit = VisionTransformer("vit_small", 224, frozen_patch_embed=False, **BEIT_VIT)
+
+    def check(t: torch.Tensor, std: float, name: str) -> None:
+        t = t.detach().flatten().double()
+        # the sample std of n values has a relative standard error ~1 / sqrt(2n) (0.2% for 384 x 384): 2% is > 5x
+        assert t.std().item() == pytest.approx(std * unit_std, rel=0.02), name
+        assert t.abs().max().item() <= std * (1 + 1e-6), name
+        kurtosis = (t**4).mean().item() / t.var().item() ** 2
+        assert kurtosis == pytest.approx(unit_kurtosis, rel=0.05), name  # ~1.9
+
     for layer in (1, 12):
         block = vit.blocks[layer - 1]
-        assert block.attn.proj.weight.std().item() == pytest.approx(0.02 / math.sqrt(2 * layer), rel=0.02)
-        assert block.mlp.fc2.weight.std().item() == pytest.approx(0.02 / math.sqrt(2 * layer), rel=0.02)
-        assert block.mlp.fc1.weight.std().item() == pytest.approx(0.02, rel=0.02)
+        check(block.attn.proj.weight, 0.02 / math.sqrt(2 * layer), f"block {layer} attn.proj")
+        check(block.mlp.fc2.weight, 0.02 / math.sqrt(2 * layer), f"block {layer} mlp.fc2")
+        check(block.mlp.fc1.weight, 0.02, f"block {layer} mlp.fc1")
+        assert torch.all(block.mlp.fc1.bias == 0)
+    check(vit.patch_embed.proj.weight, 0.02, "patch projection")
+    assert torch.all(vit.patch_embed.proj.bias == 0)
+    assert vit.cls_token.abs().max() <= 0.02 and vit.mask_token.abs().max() <= 0.02
+    head = LMHead(384, 8192)
+    check(head.weight, 0.02, "LM head")
+    assert torch.all(head.bias == 0)
+    assert unit_std == pytest.approx(0.5396, abs=1e-4) and unit_kurtosis == pytest.approx(1.94, abs=0.01)
     assert not vit.pos_embed.requires_grad and vit.pos_embed.abs().sum() == 0
 
 

@@ -28,7 +28,7 @@ from fastvit_ssl.kernels.dispatch import REFERENCE_OPS, Ops
 from fastvit_ssl.methods.base import Method
 from fastvit_ssl.methods.losses import linear_cross_entropy_ref
 from fastvit_ssl.models.build import build_encoder
-from fastvit_ssl.models.vit import ARCH_SPECS, VisionTransformer, normalize_uint8
+from fastvit_ssl.models.vit import ARCH_SPECS, VisionTransformer, beit_trunc_normal_, normalize_uint8
 from fastvit_ssl.tokenizer.base import VisualTokenizer
 
 IGNORE = -100  # target of padding positions (images with fewer masked patches than the target count)
@@ -41,7 +41,7 @@ class LMHead(nn.Linear):
     def __init__(self, dim: int, vocab: int, loss_fn: Callable = linear_cross_entropy_ref):
         super().__init__(dim, vocab)
         self.loss_fn = loss_fn
-        nn.init.trunc_normal_(self.weight, std=0.02, a=-2.0, b=2.0)
+        beit_trunc_normal_(self.weight)
         nn.init.zeros_(self.bias)
 
     def forward(self, tokens: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:

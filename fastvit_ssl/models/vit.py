@@ -6,6 +6,7 @@ unchanged."""
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
 from collections.abc import Callable
@@ -187,6 +188,12 @@ class Mlp(nn.Module):
         return self.fc2(self.act(self.fc1(x)))
 
 
+def beit_trunc_normal_(tensor: torch.Tensor, std: float = 0.02) -> torch.Tensor:
+    """BEiT's initialisation: N(0, std) truncated at +-std (its modeling code passes a=-std, b=std to timm's
+    trunc_normal_, whose bounds are absolute), an effective standard deviation of 0.54 std."""
+    return nn.init.trunc_normal_(tensor, std=std, a=-std, b=std)
+
+
 def drop_path(x: torch.Tensor, rate: float, training: bool) -> torch.Tensor:
     """Stochastic depth: zero the residual branch of whole samples with probability `rate`, rescale the rest."""
     if rate == 0.0 or not training:
@@ -259,8 +266,9 @@ class VisionTransformer(nn.Module):
         pos_embed: "sincos" (fixed 2-D table, MoCo v3), "learned" (truncated normal 0.02, DeiT and SiT) or "none"
             (BEiT, whose positions come from the relative position bias; the table stays, zero and frozen).
         init: "mocov3" (xavier, q/k/v as three matrices), "trunc_normal" (DeiT/SiT: every Linear N(0, 0.02)
-            truncated at +-2, class token too; the patch convolution keeps PyTorch's default) or "beit" (the same,
-            then block l's attn.proj and mlp.fc2 weights divided by sqrt(2 l)).
+            truncated at +-2, class token too; the patch convolution keeps PyTorch's default) or "beit" (N(0, 0.02)
+            truncated at +-0.02 for every Linear, the patch convolution, class and [MASK] tokens; zero biases;
+            block l's attn.proj and mlp.fc2 weights divided by sqrt(2 l)).
         num_heads: attention heads; 0 takes the arch's.
         rel_pos_bias: "none", "shared" (one relative position bias for all blocks: BEiT pre-training) or
             "per_block" (one each: BEiT fine-tuning, which starts every block from the shared one).
@@ -318,7 +326,7 @@ class VisionTransformer(nn.Module):
         self.grad_checkpointing = grad_checkpointing
         self.patch_embed_fn = patch_embed_fn if isinstance(self.patch_embed, PatchEmbed) else None
         if init in ("trunc_normal", "beit"):
-            self._init_trunc_normal(rescale_depth=init == "beit")
+            self._init_trunc_normal(beit=init == "beit")
         else:
             self._init_weights()
         if pos_embed == "learned":
@@ -339,16 +347,21 @@ class VisionTransformer(nn.Module):
                 )
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
-    def _init_trunc_normal(self, rescale_depth: bool = False) -> None:
+    def _init_trunc_normal(self, beit: bool = False) -> None:
+        """DeiT/SiT: every Linear N(0, 0.02) truncated at +-2 (timm's absolute bounds: +-100 std, a plain normal),
+        class (and [MASK]) token too, the patch convolution left at PyTorch's default. BEiT (its modeling code wraps
+        trunc_normal_ with bounds +-std): truncated at +-1 std (effective std 0.0108), the patch convolution too
+        with a zero bias, then block l's attn.proj and mlp.fc2 weights divided by sqrt(2 l)."""
+        init = beit_trunc_normal_ if beit else functools.partial(nn.init.trunc_normal_, std=0.02, a=-2.0, b=2.0)
         for module in self.modules():
-            if isinstance(module, nn.Linear):
-                nn.init.trunc_normal_(module.weight, std=0.02, a=-2.0, b=2.0)
+            if isinstance(module, nn.Linear) or (beit and isinstance(module, nn.Conv2d)):
+                init(module.weight)
                 if module.bias is not None:
                     nn.init.zeros_(module.bias)
-        nn.init.trunc_normal_(self.cls_token, std=0.02, a=-2.0, b=2.0)
+        init(self.cls_token)
         if self.mask_token is not None:
-            nn.init.trunc_normal_(self.mask_token, std=0.02, a=-2.0, b=2.0)
-        if rescale_depth:  # BEiT: the residual branches' output projections shrink with depth
+            init(self.mask_token)
+        if beit:  # the residual branches' output projections shrink with depth
             with torch.no_grad():
                 for layer, block in enumerate(self.blocks, start=1):
                     block.attn.proj.weight.div_(math.sqrt(2.0 * layer))
