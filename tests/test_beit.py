@@ -175,12 +175,17 @@ def test_finetuning_layout_copies_the_shared_bias_into_every_block():
     torch.nn.init.normal_(pre.rel_pos_bias.relative_position_bias_table)
     layout = {**BEIT_VIT, "rel_pos_bias": "per_block", "mask_token": False}
     fine = VisionTransformer("vit_demo", 28, global_pool="avg", **layout)
+    torch.nn.init.normal_(pre.norm.weight), torch.nn.init.normal_(pre.norm.bias)  # a trained final norm
     fine.load_state_dict(adapt_state(pre.state_dict(), fine))
     for block in fine.blocks:
         assert torch.equal(
             block.rel_pos_bias.relative_position_bias_table, pre.rel_pos_bias.relative_position_bias_table
         )
-    assert torch.equal(fine.fc_norm.weight, pre.norm.weight)
+    # BEiT's official fine-tuning loads by name: the final norm is dropped, mean pooling's norm starts fresh
+    assert torch.equal(fine.fc_norm.weight, torch.ones(192)) and torch.equal(fine.fc_norm.bias, torch.zeros(192))
+    kept = VisionTransformer("vit_demo", 28, global_pool="avg", **layout)
+    kept.load_state_dict(adapt_state(pre.state_dict(), kept, pretrained_norm="fc_norm"))  # the option
+    assert torch.equal(kept.fc_norm.weight, pre.norm.weight) and torch.equal(kept.fc_norm.bias, pre.norm.bias)
     outputs = {}
     for name, model in (("pre", pre), ("fine", fine)):
         model.blocks[-1].register_forward_hook(lambda m, a, out, name=name: outputs.setdefault(name, out))

@@ -90,10 +90,15 @@ def load_weights(encoder: VisionTransformer, state: dict[str, torch.Tensor], sou
     encoder.load_state_dict(state)
 
 
-def adapt_state(state: dict[str, torch.Tensor], encoder: VisionTransformer) -> dict[str, torch.Tensor]:
+def adapt_state(
+    state: dict[str, torch.Tensor], encoder: VisionTransformer, pretrained_norm: str = "drop"
+) -> dict[str, torch.Tensor]:
     """Pre-training weights for an encoder built differently for fine-tuning (BEiT's recipe): a shared relative
-    position bias is copied into every block's own, the [MASK] token dropped, and the final norm of the normed
-    tokens becomes the norm of their mean (fc_norm)."""
+    position bias is copied into every block's own and the [MASK] token dropped. The final norm of the normed
+    tokens, which mean pooling does not have: "drop" (BEiT's official fine-tuning loads by name, so the norm of the
+    mean, fc_norm, starts at weight 1 and bias 0), or "fc_norm" (it becomes the norm of the mean)."""
+    if pretrained_norm not in ("drop", "fc_norm"):
+        raise ValueError(f"pretrained_norm={pretrained_norm!r} must be drop or fc_norm")
     state, own, shared_key = dict(state), encoder.state_dict(), "rel_pos_bias.relative_position_bias_table"
     if shared_key in state and shared_key not in own:
         shared = state.pop(shared_key)
@@ -103,16 +108,23 @@ def adapt_state(state: dict[str, torch.Tensor], encoder: VisionTransformer) -> d
         state.pop("mask_token", None)
     if "fc_norm.weight" in own and "norm.weight" not in own:
         for name in ("weight", "bias"):
-            if f"norm.{name}" in state:
-                state[f"fc_norm.{name}"] = state.pop(f"norm.{name}")
+            norm = state.pop(f"norm.{name}", None)
+            if pretrained_norm == "fc_norm" and norm is not None:
+                state[f"fc_norm.{name}"] = norm
+            else:
+                state.setdefault(f"fc_norm.{name}", own[f"fc_norm.{name}"])  # as built: 1 and 0
     return state
 
 
-def load_encoder(path: Path, layout: Callable[[Config], dict] | None = None, **overrides):
+def load_encoder(
+    path: Path, layout: Callable[[Config], dict] | None = None, pretrained_norm: str = "drop", **overrides
+):
     """(pre-trained encoder, the config it was trained with); `overrides` go to VisionTransformer (e.g. drop path),
-    and so do those `layout(config)` returns (e.g. BEiT's fine-tuning layout: see adapt_state)."""
+    and so do those `layout(config)` returns (e.g. BEiT's fine-tuning layout: see adapt_state, which also takes
+    `pretrained_norm`)."""
     state = read_checkpoint(path)
     cfg = from_dict(state["config"])
     encoder = build_encoder(cfg, **(EVAL_KERNELS | overrides | (layout(cfg) if layout else {})))
-    load_weights(encoder, adapt_state(encoder_state(state["model"], cfg.method.name), encoder), str(path))
+    weights = adapt_state(encoder_state(state["model"], cfg.method.name), encoder, pretrained_norm)
+    load_weights(encoder, weights, str(path))
     return encoder, cfg

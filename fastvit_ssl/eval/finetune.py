@@ -221,6 +221,13 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--img-size", type=int, default=224, help="with --timm-weights")
     parser.add_argument("--data", type=Path, help="folder with train/ and val/ (default: the run's data)")
     parser.add_argument("--random-init", action="store_true", help="fine-tune a randomly initialised encoder")
+    parser.add_argument(
+        "--pretrained-norm",
+        choices=["drop", "fc_norm"],
+        default="drop",
+        help="mean pooling's norm: drop the pre-trained final norm, fc_norm starts at 1, 0 (BEiT's official "
+        "fine-tuning), or fc_norm takes the pre-trained norm",
+    )
     for field, default in vars(Recipe()).items():
         if field == "layer_decay":  # its default depends on the checkpoint's method
             parser.add_argument("--layer-decay", type=float, help="default: 0.75 (MAE); BEiT checkpoints 0.65")
@@ -237,7 +244,7 @@ def main(argv: list[str] | None = None) -> dict:
         encoder = build_encoder(cfg, **trainable)
         from_timm_state_dict(encoder, load_file(str(args.timm_weights)), str(args.timm_weights))
     else:
-        encoder, cfg = load_encoder(args.checkpoint, finetuning_layout, **trainable)
+        encoder, cfg = load_encoder(args.checkpoint, finetuning_layout, args.pretrained_norm, **trainable)
     if args.layer_decay is None:
         recipe.layer_decay = 0.65 if cfg.method.name == "beit" else Recipe.layer_decay
     if args.random_init:
