@@ -149,7 +149,10 @@ def train_loop(
         for batch in loader:
             progress = step / steps_per_epoch  # fractional epoch: the schedules move every iteration
             momentum = engine.model.momentum(progress, cfg.optim.epochs)
-            hp = schedules.hyperparameters(cfg.optim, progress, peak_lr, momentum, guard.lr_scale)
+            warmup = engine.model.lr_warmup
+            hp = schedules.hyperparameters(
+                cfg.optim, progress, peak_lr, momentum, guard.lr_scale, warmup, steps_per_epoch
+            )
             metrics, finite = engine.step(batch.views, step, hp, poison=hooks.next_iteration())
             step += 1  # a skipped step still consumes its batch and moves the schedules
             metrics |= {"lr": hp.lr, "weight_decay": hp.weight_decay, "momentum": hp.momentum}

@@ -76,6 +76,9 @@ class SitConfig:
     replace_prob: float = 0.5  # per image, the corruption is instead...
     replace_fraction: float = 0.3  # ...this fraction replaced by the same regions of another image of the batch
     drop_path: float = 0.1  # stochastic depth of the student
+    # the reconstruction loss over ranks: global (the masked pixels of the global batch, whatever the number of
+    # ranks) or per_rank (each rank's own mean, averaged over ranks, as the official code with DDP)
+    loss_reduction: Literal["global", "per_rank"] = "global"
 
 
 @dataclass
@@ -90,6 +93,9 @@ class BeitConfig:
     mask_min_patches: int = 16  # smallest block area drawn
     mask_min_aspect: float = 0.3  # block aspect ratios from this to its inverse
     drop_path: float = 0.1  # stochastic depth of the encoder
+    # the masked-token loss over ranks: global (the masked tokens of the global batch) or per_rank (each rank's
+    # own mean, averaged over ranks, as the official code with DDP)
+    loss_reduction: Literal["global", "per_rank"] = "global"
 
 
 @dataclass

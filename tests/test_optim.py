@@ -1,5 +1,6 @@
 import math
 
+import numpy as np
 import pytest
 import torch
 from torch import nn
@@ -124,3 +125,36 @@ def test_build_optimizer_decays_only_the_groups_that_say_so(name, kind):
     assert opt.param_groups[0]["lr"] == 0.0
     set_hyperparameters(opt, Hyperparameters(lr=0.5, weight_decay=0.05, momentum=1.0))
     assert [(g["lr"], g["weight_decay"]) for g in opt.param_groups] == [(0.5, 0.05), (0.5, 0.0)]
+
+
+def official_cosine_scheduler(base, final, epochs, niter_per_ep, warmup_epochs):
+    """DINO's, SiT's and BEiT's utils.cosine_scheduler, re-derived: np.linspace(0, base, W) over the warm-up
+    iterations, then base -> final on a half-cosine over the rest, one value per iteration."""
+    warmup = list(np.linspace(0, base, warmup_epochs * niter_per_ep)) if warmup_epochs else []
+    rest = epochs * niter_per_ep - len(warmup)
+    return warmup + [final + 0.5 * (base - final) * (1 + math.cos(math.pi * i / rest)) for i in range(rest)]
+
+
+def official_moco_lr(base, epoch, warmup_epochs, epochs):
+    """moco-v3's main_moco.py adjust_learning_rate at a fractional epoch."""
+    if epoch < warmup_epochs:
+        return base * epoch / warmup_epochs
+    return base * 0.5 * (1.0 + math.cos(math.pi * (epoch - warmup_epochs) / (epochs - warmup_epochs)))
+
+
+@pytest.mark.parametrize("method", ["mocov3", "sit", "beit"])
+def test_each_method_has_its_official_learning_rate_schedule_index_by_index(method):
+    """SiT and BEiT reach the peak at warm-up iteration W - 1, MoCo v3 at W."""
+    from fastvit_ssl.methods.build import method_class
+
+    epochs, warmup, spe, peak, floor = 5, 2, 7, 0.3, 1e-3
+    cfg = OptimConfig(epochs=epochs, warmup_epochs=warmup, min_lr=0.0 if method == "mocov3" else floor)
+    kind = method_class(method).lr_warmup
+    ours = [schedules.hyperparameters(cfg, i / spe, peak, 0.99, 1.0, kind, spe).lr for i in range(epochs * spe)]
+    if method == "mocov3":
+        theirs = [official_moco_lr(peak, i / spe, warmup, epochs) for i in range(epochs * spe)]
+    else:
+        theirs = official_cosine_scheduler(peak, floor, epochs, spe, warmup)
+    assert ours == pytest.approx(theirs, rel=1e-12, abs=1e-15)  # fp64 both: the same formula, index by index
+    first_peak = ours.index(max(ours))
+    assert first_peak == (warmup * spe - 1 if kind == "linspace" else warmup * spe)

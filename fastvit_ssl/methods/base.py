@@ -43,6 +43,7 @@ class Method(nn.Module):
     backbone_name: ClassVar[str]  # submodule of the backbone that kNN, probe, fine-tune and export use
     ema_modules: ClassVar[dict[str, str]] = {}  # trained submodule -> its EMA copy (none: no momentum networks)
     picture_name: ClassVar[str] = "reconstructions.png"  # the file `pictures` writes into the run folder
+    lr_warmup: ClassVar[str] = "ramp"  # the official code's warm-up: see optim/schedules.learning_rate
 
     def __init__(self, ema_fn: Callable = ema_update_ref_):
         super().__init__()

@@ -74,9 +74,12 @@ class BEiT(Method):
     masking: the block masking of one image.
     seed: the run's seed; each step's masks come from (seed, step, image index).
     loss_fn: the LM head's loss, linear_cross_entropy_ref or the fused kernel.
+    loss_reduction: "global" (the mean over the masked tokens of the global batch) or "per_rank" (each rank's own
+        mean, averaged over ranks, as the official code with DDP).
     """
 
     backbone_name = "online.encoder"
+    lr_warmup = "linspace"  # its cosine_scheduler: np.linspace(0, lr, warm-up iterations)
     picture_name = "masked_predictions.png"
 
     def __init__(
@@ -86,6 +89,7 @@ class BEiT(Method):
         masking: BlockMasking,
         seed: int = 0,
         loss_fn: Callable = linear_cross_entropy_ref,
+        loss_reduction: str = "global",
     ):
         super().__init__()
         if tokenizer.grid != encoder.grid:
@@ -93,7 +97,7 @@ class BEiT(Method):
             raise ValueError(f"BEiT: {grids}")
         self.online = MaskedImageModel(encoder, tokenizer.vocab_size, loss_fn)
         self.tokenizer = tokenizer.requires_grad_(False)
-        self.masking, self.seed = masking, seed
+        self.masking, self.seed, self.loss_reduction = masking, seed, loss_reduction
 
     def prepare(self, views: list[torch.Tensor], step: int) -> dict[str, torch.Tensor]:
         """The view, its block masks (drawn on the host: [B, L] bool), the masked positions padded to the target
@@ -117,9 +121,12 @@ class BEiT(Method):
         return batch["targets"]
 
     def losses(self, outputs, targets, batch) -> dict[str, torch.Tensor]:
-        # The mean over the masked patches of the global batch: ranks average their losses, so each rank divides
-        # its sum by the global count over the number of ranks (one process computes the same mean as many).
-        count = distributed.all_reduce_mean((targets != IGNORE).sum().float())
+        # global: the mean over the masked patches of the global batch; ranks average their losses, so each rank
+        # divides its sum by the global count over the number of ranks (one process computes the same mean as
+        # many). per_rank: each rank's own mean, as the official code (DDP then averages).
+        count = (targets != IGNORE).sum().float()
+        if self.loss_reduction == "global":
+            count = distributed.all_reduce_mean(count)
         return {"loss": outputs / count.clamp_min(1.0)}
 
     def param_groups(self) -> list[dict]:
@@ -201,4 +208,4 @@ def build_beit(cfg: Config, ops: Ops = REFERENCE_OPS) -> BEiT:
     grid = cfg.model.img_size // ARCH_SPECS[cfg.model.arch].patch_size
     masking = BlockMasking((grid, grid), b.mask_patches, b.mask_min_patches, b.mask_min_aspect)
     encoder = build_encoder(cfg, ops, drop_path_rate=b.drop_path)
-    return BEiT(encoder, build_tokenizer(cfg), masking, cfg.run.seed, ops.lm_head_loss)
+    return BEiT(encoder, build_tokenizer(cfg), masking, cfg.run.seed, ops.lm_head_loss, b.loss_reduction)

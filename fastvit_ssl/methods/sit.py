@@ -56,6 +56,7 @@ class SiT(Method):
     """
 
     backbone_name = "online.encoder"
+    lr_warmup = "linspace"  # its cosine_scheduler: np.linspace(0, lr, warm-up iterations)
     ema_modules = {"online.encoder": "teacher_encoder", "online.head": "teacher_head"}
 
     def __init__(
@@ -116,9 +117,12 @@ class SiT(Method):
         contrastive = contrastive_across_ranks(ctr, s1, t2, tau) + contrastive_across_ranks(ctr, s2, t1, tau)
         err = (recon - batch["clean"]).abs()  # (2B, C, H, W), fp32 or wider (a bf16 recon promotes)
         mask = batch["mask"][:, None].to(err.dtype)  # (2B, 1, H, W)
-        # The mean over the corrupted pixels of the global batch: ranks average their losses, so each rank
+        # global: the mean over the corrupted pixels of the global batch; ranks average their losses, so each rank
         # divides by the global count over the number of ranks (one process computes the same mean as many).
-        count = distributed.all_reduce_mean(mask.sum().detach()) * err.shape[1]
+        # per_rank: each rank's own mean, as the official code (DDP then averages).
+        count = mask.sum().detach() * err.shape[1]
+        if self.cfg.loss_reduction == "global":
+            count = distributed.all_reduce_mean(count)
         reconstruction = (err * mask).sum() / count.clamp_min(1.0)
         return {
             "loss": contrastive + self.cfg.recon_weight * reconstruction,

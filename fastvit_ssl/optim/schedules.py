@@ -10,9 +10,24 @@ import torch
 from fastvit_ssl.config import OptimConfig
 
 
-def learning_rate(epoch: float, peak_lr: float, warmup_epochs: float, epochs: float, min_lr: float = 0.0) -> float:
-    """Linear warm-up from 0 to peak_lr over warmup_epochs, then a half-cosine down to min_lr at `epochs`."""
+def learning_rate(
+    epoch: float,
+    peak_lr: float,
+    warmup_epochs: float,
+    epochs: float,
+    min_lr: float = 0.0,
+    warmup: str = "ramp",
+    steps_per_epoch: int = 1,
+) -> float:
+    """Linear warm-up from 0 to peak_lr over warmup_epochs, then a half-cosine down to min_lr at `epochs`.
+
+    warmup: "ramp", peak_lr x epoch / warmup_epochs (MoCo v3's adjust_learning_rate: the peak is reached when the
+    warm-up ends); or "linspace", np.linspace(0, peak_lr, W) over the W = warmup_epochs x steps_per_epoch warm-up
+    iterations (the cosine_scheduler of DINO, SiT and BEiT: the peak is reached at iteration W - 1)."""
     if epoch < warmup_epochs:
+        if warmup == "linspace":
+            iteration, iterations = round(epoch * steps_per_epoch), round(warmup_epochs * steps_per_epoch)
+            return peak_lr * iteration / max(iterations - 1, 1)
         return peak_lr * epoch / warmup_epochs
     progress = (epoch - warmup_epochs) / (epochs - warmup_epochs)
     return min_lr + (peak_lr - min_lr) * 0.5 * (1.0 + math.cos(math.pi * min(progress, 1.0)))
@@ -43,11 +58,17 @@ class Hyperparameters:
 
 
 def hyperparameters(
-    cfg: OptimConfig, epoch: float, peak_lr: float, momentum: float, lr_scale: float = 1.0
+    cfg: OptimConfig,
+    epoch: float,
+    peak_lr: float,
+    momentum: float,
+    lr_scale: float = 1.0,
+    warmup: str = "ramp",
+    steps_per_epoch: int = 1,
 ) -> Hyperparameters:
-    """The values at `epoch`: warm-up + cosine lr (times the NaN guard's `lr_scale`); weight decay constant, or on
-    a cosine to cfg.weight_decay_end when that is >= 0."""
-    lr = lr_scale * learning_rate(epoch, peak_lr, cfg.warmup_epochs, cfg.epochs, cfg.min_lr)
+    """The values at `epoch`: warm-up (`learning_rate`'s kinds) + cosine lr (times the NaN guard's `lr_scale`);
+    weight decay constant, or on a cosine to cfg.weight_decay_end when that is >= 0."""
+    lr = lr_scale * learning_rate(epoch, peak_lr, cfg.warmup_epochs, cfg.epochs, cfg.min_lr, warmup, steps_per_epoch)
     if cfg.weight_decay_end < 0:
         return Hyperparameters(lr, cfg.weight_decay, momentum)
     return Hyperparameters(lr, half_cosine(epoch, cfg.epochs, cfg.weight_decay, cfg.weight_decay_end), momentum)

@@ -20,7 +20,8 @@ class VisualTokenizer(nn.Module):
         """The ViT's views ([B, 3, S, S], normalised with the ImageNet mean and std) -> this tokenizer's input:
         resized to image_size (bicubic, antialiased) and mapped to its pixel range by `map_pixels`."""
         mean, std = imagenet_stats(images.device)
-        pixels = (images.float() * std + mean).clamp(0, 1)  # (B, 3, S, S) in [0, 1]
+        images = images.to(torch.promote_types(images.dtype, torch.float32))  # bf16 views: fp32
+        pixels = (images * std + mean).clamp(0, 1)  # (B, 3, S, S) in [0, 1]
         if pixels.shape[-1] != self.image_size:
             size = (self.image_size, self.image_size)
             pixels = nn.functional.interpolate(pixels, size, mode="bicubic", antialias=True).clamp(0, 1)
