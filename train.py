@@ -24,7 +24,7 @@ from fastvit_ssl import checkpoint, cli, distributed, runinfo, viz
 from fastvit_ssl.checkpoint import CheckpointError, IncompatibleCheckpoint
 from fastvit_ssl.config import Config, ConfigError, from_dict, load
 from fastvit_ssl.data.build import build_eval_data, build_train_data, resolve_root
-from fastvit_ssl.engine.build import build_engine
+from fastvit_ssl.engine.build import build_engine, check_engine
 from fastvit_ssl.eval.encoder import random_encoder
 from fastvit_ssl.eval.knn import knn_top1
 from fastvit_ssl.guard import FaultHooks, NonFiniteGuard, TrainingDiverged
@@ -44,7 +44,7 @@ def main(argv: list[str] | None = None) -> dict:
     started = time.perf_counter()
     cfg = load(args.config, args.overrides)
     device = pick_device(cfg.run.device)
-    check_kernels(cfg, device)
+    check_for_device(cfg, device)
     distributed.init_from_env(device, cfg.engine.timeout_s)
     setup_logging()
     world = distributed.world_size()
@@ -104,6 +104,7 @@ def main(argv: list[str] | None = None) -> dict:
         "images_per_second": (step - start_step) * cfg.data.batch_size / max(train_seconds, 1e-9),
         "skipped_steps": guard.skipped,
         "rollbacks": guard.rollbacks,
+        "fp16_overflows": engine.overflows,  # run.precision=fp16: steps the loss scaler skipped (this start)
     }
     if eval_data and step == total_steps and distributed.is_main():
         summary["knn_top1_random"] = evaluate_knn(cfg, random_encoder(cfg).to(device), eval_data, device)
@@ -277,8 +278,10 @@ def save_checkpoint(cfg: Config, run_dir: Path, engine, step: int, guard: NonFin
     return path
 
 
-def check_kernels(cfg: Config, device: torch.device) -> None:
-    """The attention kernel the config names runs on this device with this model, or a config error."""
+def check_for_device(cfg: Config, device: torch.device) -> None:
+    """The engine and the attention kernel the config names run on this device with this model, or a config
+    error (before anything is written)."""
+    check_engine(cfg, device)
     bias = cfg.model.rel_pos_bias != "none"
     try:
         attention.check_available(cfg.model.attention, device, bias, cfg.run.precision)

@@ -42,7 +42,8 @@ if [ "${SUITE_REHEARSAL:-0}" = 1 ]; then  # on a CPU: every part at toy sizes, t
   others=("--method mocov3 --arch vit_demo ${toy[*]}" "--method sit --arch vit_demo ${toy[*]}" \
           "--method beit --arch vit_demo ${toy[*]}")
   data=(--images 24 --batch 4 --warmup 1 --batches 2 --size 32 --threads 1)
-  budget=(60 120 60 60)
+  budget=(60 120 60 60 120)
+  fp16=(model.arch=vit_demo model.img_size=28 data.batch_size=16 optim.epochs=2 optim.warmup_epochs=1)
 else
   tests=(-k "not installed_copy")
   # the decision run: ViT-B MoCo v3 at its per-GPU batch, every attention kernel eager, compiled with and without
@@ -54,7 +55,8 @@ else
           "--method sit --arch vit_small --batch 128 --compile reduce-overhead" \
           "--method beit --arch vit_base --batch 128 --compile reduce-overhead")
   data=(--images 1024 --batch 128 --threads 8)
-  budget=(80 140 45 30)  # seconds: kernel tests, decision run, each other case, data: 7.2 minutes in all
+  budget=(80 140 40 30 40)  # seconds: kernel tests, decision run, each other case, data, fp16: 7.5 min in all
+  fp16=(model.arch=vit_small data.batch_size=64 optim.epochs=2 optim.warmup_epochs=1)
 fi
 
 echo "== kernel tests, compiled on CUDA =="
@@ -75,6 +77,18 @@ for i in "${!others[@]}"; do
   [ "${PIPESTATUS[0]}" -eq 0 ] || status=1
 done
 python3 benchmarks/decide.py "$out" > /dev/null || status=1
+
+echo "== fp16 with dynamic loss scaling: the local engine, and DeepSpeed ZeRO-2 where it is installed and a GPU is =="
+python3 -c "import sys; sys.path.insert(0, 'tests'); from image_fixtures import make_image_folder as m; \
+m(__import__('pathlib').Path(sys.argv[1]), per_class=32, seed=0)" "$out/fp16-data/train"
+engines=(local)
+if python3 -c "import deepspeed, torch; assert torch.cuda.is_available()" 2>/dev/null; then engines+=(deepspeed); fi
+for engine in "${engines[@]}"; do
+  timeout "${budget[4]}" python3 train.py "${fp16[@]}" run.precision=fp16 engine.name="$engine" engine.zero_stage=2 \
+    data.root="$out/fp16-data" data.num_workers=2 eval.knn_every_epochs=0 run.out_dir="$out/fp16-runs" \
+    run.name="$engine" 2>&1 | tail -n 4 | tee -a "$out/fp16.txt"
+  [ "${PIPESTATUS[0]}" -eq 0 ] || status=1
+done
 
 echo "== data pipelines (DALI where installed) =="
 timeout "${budget[3]}" python3 benchmarks/data.py "${data[@]}" --out "$out/data.csv" 2>&1 | tee "$out/data.txt"

@@ -405,6 +405,16 @@ def to_deepspeed(cfg: Config, world_size: int) -> dict[str, Any]:
         "gradient_accumulation_steps": 1,
         # ZeRO skips an update whose gradients are not finite; explicit, the engine reports it to the NaN guard
         "bf16": {"enabled": cfg.run.precision == "bf16", "check_grad_overflow": True},
+        # dynamic loss scaling as torch's GradScaler: from 2^16, halved at each overflow, doubled after 2,000 clean
+        # steps
+        "fp16": {
+            "enabled": cfg.run.precision == "fp16",
+            "loss_scale": 0,
+            "initial_scale_power": 16,
+            "loss_scale_window": 2000,
+            "hysteresis": 1,
+            "min_loss_scale": 1,
+        },
         "zero_optimization": {"stage": cfg.engine.zero_stage},
         "gradient_clipping": cfg.optim.clip_grad,  # always explicit: DeepSpeed's default (1.0) would clip silently
         "zero_allow_untested_optimizer": True,  # LARS/LAMB: ZeRO-correct through optim/trust_ratio.py

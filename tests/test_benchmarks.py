@@ -84,7 +84,7 @@ def test_gpu_suite_rehearsal_runs_every_part(tmp_path):
         ["bash", str(REPO / "benchmarks" / "gpu_suite.sh"), str(tmp_path)], capture_output=True, text=True, env=env
     )
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-2000:]
-    files = ["kernel_tests.txt", "throughput-decision.csv", "DECISION.md", "data.csv"]
+    files = ["kernel_tests.txt", "throughput-decision.csv", "DECISION.md", "data.csv", "fp16.txt"]
     for name in [*files, *(f"throughput-{i}.csv" for i in range(3))]:
         assert (tmp_path / name).stat().st_size > 0, name
     with (tmp_path / "throughput-decision.csv").open() as f:
@@ -98,6 +98,7 @@ def test_gpu_suite_rehearsal_runs_every_part(tmp_path):
         ("baseline (SDPA)", "eager"),
     ]
     assert "| mocov3 | vit_demo |" in (tmp_path / "DECISION.md").read_text()
+    assert "run folder" in (tmp_path / "fp16.txt").read_text()  # the local engine trained in fp16
 
 
 def test_lm_head_memory_measures_both_heads(tmp_path):

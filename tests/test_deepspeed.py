@@ -134,8 +134,27 @@ def test_deepspeed_config_is_generated_from_ours():
     cfg = load(None, ["engine.name=deepspeed", "engine.zero_stage=3", "run.precision=bf16", "data.batch_size=4096"])
     ds = to_deepspeed(cfg, world_size=64)
     assert ds["train_batch_size"] == 4096 and ds["train_micro_batch_size_per_gpu"] == 64
-    assert ds["zero_optimization"]["stage"] == 3 and ds["bf16"]["enabled"]
+    assert ds["zero_optimization"]["stage"] == 3 and ds["bf16"]["enabled"] and not ds["fp16"]["enabled"]
     assert ds["gradient_clipping"] == 0.0 and ds["gradient_accumulation_steps"] == 1
+    fp16 = to_deepspeed(load(None, ["engine.name=deepspeed", "run.precision=fp16"]), world_size=8)["fp16"]
+    # dynamic loss scaling as torch's GradScaler: 2^16, halved at every overflow, doubled after 2,000 clean steps
+    assert fp16 == {
+        "enabled": True,
+        "loss_scale": 0,
+        "initial_scale_power": 16,
+        "loss_scale_window": 2000,
+        "hysteresis": 1,
+        "min_loss_scale": 1,
+    }
+
+
+def test_fp16_under_deepspeed_on_a_cpu_is_a_config_error():
+    """DeepSpeed's CPU accelerator has no fp16: one line before anything is built (the GPU suite runs it)."""
+    from fastvit_ssl.config import ConfigError, load
+    from fastvit_ssl.engine.build import check_engine
+
+    with pytest.raises(ConfigError, match="needs a GPU"):
+        check_engine(load(None, ["engine.name=deepspeed", "run.precision=fp16"]), torch.device("cpu"))
 
 
 def test_deepspeed_launcher_trains_resumes_and_consolidates(tiny_overrides, tmp_path):

@@ -1,12 +1,16 @@
 """The local engine's gradient bookkeeping: every norm from one multi-tensor pass, clipping as torch and DINO/SiT
 clip, and fp16 with dynamic loss scaling (an overflow is skipped, counted, and not a diverging run)."""
 
+from pathlib import Path
+
 import pytest
 import torch
 
+import train
 from fastvit_ssl.config import load
 from fastvit_ssl.engine.local import GradientNorms, LocalEngine, layer_groups
 from fastvit_ssl.methods.build import build_method
+from fastvit_ssl.monitor import read_metrics
 from fastvit_ssl.optim.build import build_optimizer
 from fastvit_ssl.optim.schedules import Hyperparameters
 
@@ -78,3 +82,15 @@ def test_fp16_overflow_skips_the_update_halves_the_scale_and_is_not_a_bad_step()
     assert finite and engine.overflows == 1  # counted, and not a non-finite step for the guard
     assert all(torch.equal(p, w) for p, w in zip(engine.params, weights))  # no update
     assert engine.scaler.get_scale() == 2.0**7
+
+
+def test_fp16_runs_resume_exactly_with_the_loss_scaler(tiny_overrides):
+    """The scaler's state is in the checkpoint: stopped at step 4 and resumed, the same losses and scales."""
+    fp16 = [*tiny_overrides, "run.precision=fp16", "eval.knn_every_epochs=0"]
+    full = train.main([*fp16, "run.name=full"])
+    rows = [r for r in read_metrics(Path(full["run_dir"]) / "metrics.jsonl") if "loss" in r]
+    assert full["steps"] == 6 and all("loss_scale" in r for r in rows)
+    assert train.main([*fp16, "run.name=cut", "run.stop_at_step=4"])["steps"] == 4
+    resumed = train.main([*fp16, "run.name=cut"])
+    again = [r for r in read_metrics(Path(resumed["run_dir"]) / "metrics.jsonl") if "loss" in r]
+    assert [(r["loss"], r["loss_scale"]) for r in again] == [(r["loss"], r["loss_scale"]) for r in rows]

@@ -1,4 +1,5 @@
-"""The DeepSpeed engine: ZeRO stage 0-3 and bf16 through `deepspeed.initialize`, the same interface as LocalEngine.
+"""The DeepSpeed engine: ZeRO stage 0-3 and bf16 (or fp16 with DeepSpeed's dynamic loss scaling, on GPUs) through
+`deepspeed.initialize`, the same interface as LocalEngine.
 
 DeepSpeed wraps only the method's trained module (`online`: for MoCo v3 base encoder, projector, predictor). The
 EMA networks (momentum encoder and projector, SiT's teacher) stay outside, as an fp32 replica on every rank: in
@@ -50,7 +51,8 @@ class DeepSpeedEngine:
 
         distributed.init_single_process(device)  # `python train.py engine.name=deepspeed`: a group of one
         self.model, self.device, self.stage = model, device, cfg.engine.zero_stage
-        self.dtype = torch.bfloat16 if cfg.run.precision == "bf16" else torch.float32
+        self.dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.run.precision, torch.float32)
+        self.overflows = 0  # fp16 steps DeepSpeed's loss scaler skipped
         client_optimizer = build_optimizer(cfg.optim, model.param_groups(), ops)
         self.ds, self.optimizer, _, _ = deepspeed.initialize(
             model=model.online, optimizer=client_optimizer, config=to_deepspeed(cfg, distributed.world_size())
@@ -63,8 +65,10 @@ class DeepSpeedEngine:
     def step(self, views: list[torch.Tensor], step: int, hparams: Hyperparameters, poison: bool = False):
         """Training iteration `step` on this rank's share of the global batch: (detached metrics, finite). A
         non-finite loss skips backward and update; a non-finite gradient makes ZeRO skip the update itself
-        (bf16.check_grad_overflow, set explicitly) and report an infinite norm, which counts as a non-finite step.
-        Either way the BN running statistics are restored, as the local engine does."""
+        (bf16.check_grad_overflow, set explicitly) and report an infinite norm, which counts as a non-finite step;
+        in fp16 an overflow of the scaled gradients is the loss scaler's business (skipped, counted in `overflows`,
+        the scale lowered), not a non-finite step. Either way the BN running statistics are restored, as the local
+        engine does."""
         views = [v.to(self.device, non_blocking=True) for v in views]
         set_hyperparameters(self.optimizer, hparams)
         buffers = [b.clone() for b in self.model.buffers()]  # BN running statistics: small
@@ -82,9 +86,11 @@ class DeepSpeedEngine:
             self.ds.step()
         norm = self.ds.get_global_grad_norm() if finite else None
         grad_norm = torch.as_tensor(float("nan") if norm is None else float(norm))
-        finite = finite and bool(torch.isfinite(grad_norm))
-        if not finite:
+        overflow = finite and self.dtype == torch.float16 and not self.ds.was_step_applied()
+        if overflow or not (finite and bool(torch.isfinite(grad_norm))):
             torch._foreach_copy_(list(self.model.buffers()), buffers)
+        self.overflows += overflow
+        finite = finite and (overflow or bool(torch.isfinite(grad_norm)))
         self.mark("optimizer")
         return {**losses, "loss": loss.detach(), "grad_norm": grad_norm, **layer_norms}, finite
 
@@ -94,7 +100,8 @@ class DeepSpeedEngine:
         groups = layer_groups(self.model)
         zero = torch.zeros((), device=self.device)
         squares = torch.stack([sum((self._owned_grad_square(p) for p in ps), zero) for ps in groups.values()])
-        return dict(zip(groups, distributed.all_reduce_sum(squares).sqrt()))
+        scale = getattr(self.ds.optimizer, "loss_scale", 1.0) if self.dtype == torch.float16 else 1.0  # fp16: scaled
+        return dict(zip(groups, distributed.all_reduce_sum(squares).sqrt() / scale))
 
     def _owned_grad_square(self, p: torch.nn.Parameter) -> torch.Tensor | float:
         """Sum of squares of the reduced gradient elements of `p` that this rank owns."""
