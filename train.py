@@ -22,17 +22,18 @@ import torch
 
 from fastvit_ssl import checkpoint, cli, distributed, runinfo, viz
 from fastvit_ssl.checkpoint import CheckpointError, IncompatibleCheckpoint
-from fastvit_ssl.config import Config, ConfigError, from_dict, load
+from fastvit_ssl.config import Config, ConfigError, from_dict, load, model_differences
 from fastvit_ssl.data.build import build_eval_data, build_train_data, resolve_root
 from fastvit_ssl.engine.build import build_engine, check_engine
 from fastvit_ssl.eval.encoder import random_encoder
 from fastvit_ssl.eval.knn import knn_top1
-from fastvit_ssl.guard import FaultHooks, NonFiniteGuard, TrainingDiverged
+from fastvit_ssl.guard import NonFiniteGuard, TrainingDiverged
 from fastvit_ssl.kernels.dispatch import select_ops
+from fastvit_ssl.methods.base import method_class
 from fastvit_ssl.methods.build import build_method
 from fastvit_ssl.models import attention
 from fastvit_ssl.monitor import Monitor
-from fastvit_ssl.optim import schedules
+from fastvit_ssl.optim.schedules import Schedules
 from fastvit_ssl.preemption import EarlyStop, StopRequests
 
 log = logging.getLogger("train")
@@ -57,9 +58,11 @@ def main(argv: list[str] | None = None) -> dict:
     torch.manual_seed(cfg.run.seed)
     torch.use_deterministic_algorithms(cfg.run.deterministic)
 
+    method = method_class(cfg.method.name)
     data_root = resolve_root(cfg)
-    loader, train_samples, classes = build_train_data(cfg, data_root, device)
+    loader, train_samples, classes = build_train_data(cfg, data_root, device, method.views(cfg))
     eval_data = build_eval_data(cfg, data_root, train_samples, classes)
+    method.before_training(cfg, run_dir, data_root)  # e.g. BEiT's tokenizer, trained into the run folder once
     ops = select_ops(cfg.run.kernels, device)
     model = build_method(cfg, ops).to(device)
     if cfg.run.init_from and not checkpoint.list_checkpoints(run_dir):  # a resume brings its own weights
@@ -141,22 +144,16 @@ def train_loop(
     """Iterate from `step` to the end (or run.stop_at_step); returns the last step done. Raises EarlyStop, after a
     checkpoint, when a signal or the wall-clock budget stops the run."""
     steps_per_epoch = loader.batches_per_epoch
-    peak_lr = schedules.peak_learning_rate(cfg.optim.base_lr, cfg.data.batch_size)
+    schedules = Schedules(cfg, type(engine.model), steps_per_epoch)  # lr, weight decay, the method's own
     last_step = cfg.run.stop_at_step or cfg.optim.epochs * steps_per_epoch
-    hooks = FaultHooks(distributed.rank())
     while step < last_step:
         epoch, first_batch = divmod(step, steps_per_epoch)
         loader.start(epoch, first_batch)
         for batch in loader:
-            progress = step / steps_per_epoch  # fractional epoch: the schedules move every iteration
-            momentum = engine.model.momentum(progress, cfg.optim.epochs)
-            warmup = engine.model.lr_warmup
-            hp = schedules.hyperparameters(
-                cfg.optim, progress, peak_lr, momentum, guard.lr_scale, warmup, steps_per_epoch
-            )
-            metrics, finite = engine.step(batch.views, step, hp, poison=hooks.next_iteration())
+            hp = schedules.at(step, guard.lr_scale)  # the schedules move every iteration
+            metrics, finite = engine.step(batch.views, step, hp)
             step += 1  # a skipped step still consumes its batch and moves the schedules
-            metrics |= {"lr": hp.lr, "weight_decay": hp.weight_decay, "momentum": hp.momentum}
+            metrics |= hp.values
             monitor.train_step(
                 step, step / steps_per_epoch, {**metrics, "skipped_images": batch.skipped, "finite": finite}
             )
@@ -213,27 +210,18 @@ def evaluate_knn(cfg: Config, encoder, eval_data, device) -> float:
     return top1
 
 
-SHAPING = ("arch", "img_size", "pos_embed", "rel_pos_bias", "layer_scale", "qkv_bias", "mask_token", "global_pool")
-
-
 def init_weights(cfg: Config, model) -> None:
     """Start from the weights (not the optimizer, not the step) of run.init_from: our checkpoint of the same model
-    and method, or an official MoCo v3 one."""
+    (config.model_differences) and method, or an official MoCo v3 one."""
     from fastvit_ssl.eval.encoder import read_checkpoint
 
     state = read_checkpoint(Path(cfg.run.init_from))
-    stored = from_dict(state["config"])
-    diffs = [
-        f"{name}: {a!r} there, {b!r} here"
-        for name, a, b in [("method.name", stored.method.name, cfg.method.name)]
-        + [(f"model.{k}", v, getattr(cfg.model, k)) for k, v in vars(stored.model).items() if k in SHAPING]
-        if a != b
-    ]
+    diffs = [f"{k}: {a!r} there, {b!r} here" for k, a, b in model_differences(from_dict(state["config"]), cfg)]
     if diffs:
         raise CheckpointError(f"run.init_from={cfg.run.init_from} holds another model: {'; '.join(diffs)}")
     try:
         model.load_state_dict(state["model"])
-    except RuntimeError as e:  # the heads' widths (moco.dim, ...) differ
+    except RuntimeError as e:  # shapes the model keys do not name
         raise CheckpointError(f"run.init_from={cfg.run.init_from} does not fit this model: {str(e)[:400]}") from None
     log.info("weights from %s", cfg.run.init_from)
 

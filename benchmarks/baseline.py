@@ -35,8 +35,9 @@ class OfficialStep:
         torch.manual_seed(cfg.run.seed)
         self.model = build_method(cfg, REFERENCE_OPS).to(device)
         self.model.encode_views_in_one_pass(False)
-        groups = [{k: v for k, v in g.items() if k != "decay"} for g in self.model.param_groups()]
-        self.optimizer = torch.optim.AdamW(groups, lr=1e-4, weight_decay=cfg.optim.weight_decay)
+        wd = cfg.optim.weight_decay
+        groups = [{"params": g["params"], "weight_decay": wd * g["wd_scale"]} for g in self.model.param_groups()]
+        self.optimizer = torch.optim.AdamW(groups, lr=1e-4)
         self.device, self.momentum = device, 0.99
         dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.run.precision)
         autocast = dtype is not None and device.type != "meta"  # on meta, step_cost.py emulates autocast

@@ -40,18 +40,19 @@ from unittest import mock
 import torch
 import torch.nn.functional as F
 from baseline import MODERN, PINNED
-from throughput import RECIPES, Bench, Setup
+from throughput import Bench, Setup
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.flop_counter import flop_registry
 
 from fastvit_ssl import runinfo
+from fastvit_ssl.config import DEFAULT_METHOD
 from fastvit_ssl.kernels import ema as ema_kernel
 from fastvit_ssl.kernels import lars_lamb as lars_lamb_kernel
 from fastvit_ssl.kernels import linear_ce as linear_ce_kernel
 from fastvit_ssl.kernels import patch_embed as patch_embed_kernel
 from fastvit_ssl.kernels.aot import recording
 from fastvit_ssl.kernels.target import A100, H100, planning_for
-from fastvit_ssl.methods.base import PHASES
+from fastvit_ssl.methods.base import METHODS, PHASES
 from rows import print_table, write_rows
 
 aten = torch.ops.aten
@@ -370,7 +371,7 @@ def rows_for(method: str, arch: str, batch: int, img_size: int, gpu: str) -> lis
 
 def main(argv=None) -> list[dict]:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--method", default="mocov3", choices=sorted(RECIPES))
+    parser.add_argument("--method", default=DEFAULT_METHOD, choices=sorted(METHODS))
     parser.add_argument("--arch", nargs="+", default=["vit_small", "vit_base", "vit_large"])
     parser.add_argument("--batch", type=int, default=256, help="per GPU (default: %(default)s)")
     parser.add_argument("--img-size", type=int, default=224, help="(default: %(default)s)")

@@ -14,17 +14,9 @@ The baseline is the official code's step (baseline.py): fp16 with a GradScaler, 
 one pass per view, materialised logits, torch's default AdamW; in two forms, its attention as the official MoCo v3
 pins it (timm 0.4.9's plain ops, "explicit") and as torch's SDPA ("auto").
 
-FLOPs of one step, counted analytically (multiply-adds x 2), for B images, two views, T tokens, width D, depth L,
-MLP heads of widths (D -> H -> H -> d) and (d -> H -> d), N local and M gathered keys:
-    encoder forward per view  F = B (L (24 T D^2 + 4 T^2 D) + 2 T C P^2 D)     (qkv, proj, 4x MLP; QK^T, AV; patches)
-    heads forward per view    G = 2 B (D H + H H + H d) + 2 B (d H + H d)        (projector + predictor)
-    step = 2 views x [3 (F + G) (base fwd + bwd) + (F + G_projector) (momentum fwd)] + 2 x 3 x 2 N M d (loss)
-SiT, both views in one batch, contrastive head Gc = 2 B (D H + H H + H d), pixel head R = 2 B (T - 1) (3 D^2 + 3 D P^2):
-    step = 2 views x [3 (F + Gc + R) (student fwd + bwd) + (F + Gc) (teacher fwd)] + 2 x 3 x 2 N M d (loss)
-BEiT, one view, K masked tokens per image, vocabulary V (8,192, DALL-E's; its frozen encoder is not counted):
-    step = 3 F + 3 x 2 B K D V
-MFU = model FLOP/s / peak FLOP/s, the peak taken from a large matrix product measured on the same device (bf16 on
-CUDA, fp32 on CPU), not a datasheet.
+FLOPs of one step are counted analytically by the method (Method.step_flops: multiply-adds x 2 of the encoder,
+B (L (24 T D^2 + 4 T^2 D) + 2 T C P^2 D) per pass, its heads and its loss). MFU = model FLOP/s / peak FLOP/s, the
+peak taken from a large matrix product measured on the same device (bf16 on CUDA, fp32 on CPU), not a datasheet.
 """
 
 from __future__ import annotations
@@ -36,37 +28,23 @@ import statistics
 import time
 from dataclasses import dataclass, replace
 from pathlib import Path
-from unittest import mock
 
 import torch
 from baseline import MODERN, PINNED, OfficialStep
 
 from fastvit_ssl import distributed, runinfo
-from fastvit_ssl.config import Config, load
+from fastvit_ssl.config import DEFAULT_METHOD, Config, load
 from fastvit_ssl.data.build import build_train_data, endless_batches
 from fastvit_ssl.engine.build import build_engine
 from fastvit_ssl.kernels.dispatch import select_ops
-from fastvit_ssl.methods.base import PHASES, no_mark
+from fastvit_ssl.methods.base import METHODS, PHASES, method_class, no_mark
 from fastvit_ssl.methods.build import build_method
 from fastvit_ssl.models.attention import AttentionUnavailable, check_available
-from fastvit_ssl.models.vit import ARCH_SPECS
 from fastvit_ssl.optim.schedules import Hyperparameters
+from fastvit_ssl.specs import ARCH_SPECS
 from rows import print_table, write_rows
 
-CONFIGS = Path(__file__).resolve().parents[1] / "configs"
-RECIPES = {
-    "mocov3": CONFIGS / "vit_base.yaml",
-    "sit": CONFIGS / "sit_vit_small.yaml",
-    "beit": CONFIGS / "beit_vit_base.yaml",
-}
-# --suite: (method, arch, batch per GPU) at the batch sizes the GPU configs use per H100
-SUITE = [
-    ("mocov3", "vit_small", 256),
-    ("mocov3", "vit_base", 128),
-    ("mocov3", "vit_large", 64),
-    ("sit", "vit_small", 128),
-    ("beit", "vit_base", 128),
-]
+CONFIGS = Path(__file__).resolve().parents[1] / "configs"  # each method's GPU recipe: Method.recipe
 HPARAMS = Hyperparameters(lr=1e-4, weight_decay=0.1, momentum=0.99)  # what every timed step trains with
 
 
@@ -79,7 +57,7 @@ class Setup:
     kernels: str = "fused"  # ours: fused | reference (the baseline: reference)
     attention: str = "auto"  # model.attention (the baseline: explicit = pinned, auto = modern)
     baseline: bool = False
-    method: str = "mocov3"
+    method: str = DEFAULT_METHOD
     compile: str = ""  # ours: "" (eager) or torch.compile's mode for model.compile
     engine: str = "local"  # ours: local | deepspeed
     uint8_views: bool = False  # ours only: [B, S, S, 3] uint8 views, normalised inside the patch embedding
@@ -95,6 +73,7 @@ class Setup:
 
 def config(setup: Setup) -> Config:
     """The method's GPU recipe (configs/) at this setup's size, precision and kernels."""
+    method = method_class(setup.method)
     overrides = [
         f"model.arch={setup.arch}",
         f"model.img_size={setup.img_size}",
@@ -103,27 +82,15 @@ def config(setup: Setup) -> Config:
         f"run.kernels={'reference' if setup.baseline else setup.kernels}",
         f"model.attention={setup.attention}",
         f"engine.name={setup.engine}",
+        *method.benchmark_overrides(setup.arch, setup.img_size),
     ]
-    if setup.method == "beit":
-        grid = setup.img_size // ARCH_SPECS[setup.arch].patch_size
-        overrides += [f"beit.mask_patches={max(1, round(0.4 * grid * grid))}", "beit.mask_min_patches=1"]
-    if setup.arch == "vit_demo" and setup.method != "beit":
-        section = "sit" if setup.method == "sit" else "moco"
-        overrides += [f"{section}.dim=128", f"{section}.mlp_dim=1024"]
     if setup.data is not None:
         overrides += [f"data.root={setup.data}", f"data.backend={setup.backend}", "data.num_workers=4"]
     if setup.uint8_views and not setup.baseline:
         overrides.append("data.uint8_views=true")
     if setup.compile and not setup.baseline:
         overrides += ["model.compile=true", f"model.compile_mode={setup.compile}"]
-    return load(RECIPES[setup.method], overrides)
-
-
-def random_dalle_tokenizer(cfg):
-    """BEiT's tokenizer for timing: DALL-E's encoder (its full cost) with random weights."""
-    from fastvit_ssl.tokenizer.dalle import DalleTokenizer
-
-    return DalleTokenizer(None, cfg.model.img_size // ARCH_SPECS[cfg.model.arch].patch_size)
+    return load(CONFIGS / method.recipe, overrides)
 
 
 class Ours:
@@ -158,8 +125,7 @@ class Bench:
 
     def __init__(self, setup: Setup, device: torch.device):
         self.setup, self.device, self.cfg = setup, device, config(setup)
-        with mock.patch("fastvit_ssl.methods.beit.build_tokenizer", random_dalle_tokenizer):
-            self.impl = OfficialStep(self.cfg, device) if setup.baseline else Ours(self.cfg, device)
+        self.impl = OfficialStep(self.cfg, device) if setup.baseline else Ours(self.cfg, device)
         S = setup.img_size
         self.views = [
             torch.randint(0, 256, (setup.batch, S, S, 3), dtype=torch.uint8, device=device)
@@ -169,7 +135,8 @@ class Bench:
         ]
         self.batches = None
         if setup.data is not None:
-            self.batches = endless_batches(build_train_data(self.cfg, setup.data, device)[0])
+            views = method_class(setup.method).views(self.cfg)
+            self.batches = endless_batches(build_train_data(self.cfg, setup.data, device, views)[0])
 
     def step(self) -> None:
         views = [v.clone() for v in self.views] if self.batches is None else next(self.batches).views[:2]
@@ -198,23 +165,8 @@ class Bench:
 
 
 def step_flops(cfg: Config, batch: int, keys: int) -> float:
-    """Model FLOPs of one step of the method (the formulas in the module docstring)."""
-    spec = ARCH_SPECS[cfg.model.arch]
-    T, D, L, P = (cfg.model.img_size // spec.patch_size) ** 2 + 1, spec.embed_dim, spec.depth, spec.patch_size
-    encoder = batch * (L * (24 * T * D * D + 4 * T * T * D) + 2 * (T - 1) * 3 * P * P * D)
-    if cfg.method.name == "beit":  # one view; the LM head on the masked tokens; the frozen tokenizer not counted
-        return 3 * encoder + 3 * 2 * batch * cfg.beit.mask_patches * D * 8192
-    section = cfg.sit if cfg.method.name == "sit" else cfg.moco
-    H, d = section.mlp_dim, section.dim
-    loss = 2 * 3 * 2 * batch * keys * d
-    if cfg.method.name == "sit":
-        head = 2 * batch * (D * H + H * H + H * d)
-        pixels = 2 * batch * (T - 1) * (3 * D * D + 3 * D * P * P)
-        return 2 * (3 * (encoder + head + pixels) + encoder + head) + loss
-    projector = 2 * batch * (D * H + H * H + H * d)
-    predictor = 2 * batch * (d * H + H * d)
-    per_view = 3 * (encoder + projector + predictor) + encoder + projector
-    return 2 * per_view + loss
+    """Model FLOPs of one step of the method (Method.step_flops)."""
+    return method_class(cfg.method.name).step_flops(cfg, batch, keys)
 
 
 def measured_peak_tflops(device: torch.device) -> float:
@@ -353,7 +305,7 @@ class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefau
 
 def parse_args(argv):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
-    parser.add_argument("--method", default="mocov3", choices=[*RECIPES, "all"], help="all: with --suite")
+    parser.add_argument("--method", default=DEFAULT_METHOD, choices=[*METHODS, "all"], help="all: with --suite")
     parser.add_argument("--arch", default="vit_small", choices=sorted(ARCH_SPECS), help="the ViT")
     parser.add_argument("--batch", type=int, default=32, help="images per step (one device)")
     parser.add_argument("--img-size", type=int, default=224, help="pixels")
@@ -375,7 +327,9 @@ def parse_args(argv):
     parser.add_argument("--data", type=Path, help="an ImageFolder root with train/ (default: synthetic tensors)")
     parser.add_argument("--backend", choices=["auto", "torch", "dali"], default="auto", help="with --data")
     parser.add_argument("--uint8-views", action="store_true", help="ours takes uint8 NHWC views (data.uint8_views)")
-    parser.add_argument("--suite", action="store_true", help="SUITE's cases of --method, ours and the baseline")
+    parser.add_argument(
+        "--suite", action="store_true", help="the method's suite cases (Method.suite), ours and the baseline"
+    )
     parser.add_argument("--max-batch", action="store_true", help="also search the largest batch each fits (CUDA)")
     parser.add_argument("--steps", type=int, default=6, help="timed rounds (the setups alternate)")
     parser.add_argument("--out", type=Path, help="CSV (and a .json beside it)")
@@ -426,7 +380,8 @@ def main(argv=None) -> list[dict]:
     peak = measured_peak_tflops(device)
     cases = [(args.method, args.arch, args.batch)]
     if args.suite:
-        cases = [(m, a, b) for m, a, b in SUITE if m == args.method or args.method == "all"]
+        chosen = METHODS if args.method == "all" else [args.method]
+        cases = [(m, arch, batch) for m in chosen for arch, batch, _ in METHODS[m].suite]
     rows = []
     for method, arch, batch in cases:
         rows += run(setups_for(args, method, arch, batch, device), device, args.steps, peak, args.max_batch)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import logging
 import os
@@ -12,7 +13,7 @@ from typing import Any
 
 import torch
 
-from fastvit_ssl.config import from_dict, method_section
+from fastvit_ssl.config import METHODS, from_dict, model_differences
 
 log = logging.getLogger(__name__)
 
@@ -131,17 +132,21 @@ RUN_SETTINGS = (("data", "root"), ("data", "batch_size"), ("optim", "epochs"), (
 
 
 def check_compatible(stored_cfg: dict[str, Any], current_cfg: dict[str, Any], path: Path) -> None:
-    """The model, the method and the method's own section decide the parameters; the data, the batch size and the
-    schedule decide what the run is: all must match to continue from the checkpoint. Keys a stored config lacks
-    (written before they existed) count as their defaults."""
-    run = from_dict(current_cfg)
-    stored, current = from_dict(stored_cfg).to_dict(), run.to_dict()
-    keys = [(section, k) for section in ("model", "method", method_section(run)) for k in current[section]]
-    diffs = [
-        f"{section}.{k}: checkpoint {stored[section][k]!r}, this run {current[section][k]!r}"
-        for section, k in [*keys, *RUN_SETTINGS]
-        if _normal(section, k, stored[section][k]) != _normal(section, k, current[section][k])
-    ]
+    """The model (config.model_differences), the method's settings, the data, the batch size and the schedule
+    decide what the run is: all must match to continue from the checkpoint. How the model runs (activation
+    checkpointing, compilation, the attention kernel, the kernels) may change. Keys a stored config lacks (written
+    before they existed) count as their defaults."""
+    run, stored = from_dict(current_cfg), from_dict(stored_cfg)
+    diffs = [f"{k}: checkpoint {a!r}, this run {b!r}" for k, a, b in model_differences(stored, run)]
+    section = METHODS[run.method.name].section
+    if not diffs:
+        keys = [(section, k) for k in dataclasses.asdict(run.method_section)] + list(RUN_SETTINGS)
+        there, here = stored.to_dict(), run.to_dict()
+        diffs = [
+            f"{s}.{k}: checkpoint {there[s][k]!r}, this run {here[s][k]!r}"
+            for s, k in keys
+            if _normal(s, k, there[s][k]) != _normal(s, k, here[s][k])
+        ]
     if diffs:
         raise IncompatibleCheckpoint(
             f"checkpoint {path} belongs to a run with other settings ({'; '.join(diffs)}). Continue it with its "

@@ -1,12 +1,14 @@
 """Command-line entry points end with one line on stderr and exit code 2 for problems the user can fix, or exit code
 3 (`preemption.RESUMABLE_EXIT`) when a signal or the wall-clock budget stopped a run after a checkpoint; either way
 they leave the process group (if any) before the interpreter exits. Under a launcher, rank 0 prints a config error
-(every rank has the same); other errors are printed by the rank that met them."""
+(every rank has the same; the others wait for rank 0 to print it and exit, after which the launcher stops them);
+other errors are printed by the rank that met them."""
 
 from __future__ import annotations
 
 import os
 import sys
+import time
 from collections.abc import Callable
 
 from fastvit_ssl import distributed
@@ -17,6 +19,7 @@ from fastvit_ssl.guard import TrainingDiverged
 from fastvit_ssl.preemption import EarlyStop
 
 USER_ERRORS = (ConfigError, DataError, CheckpointError, TrainingDiverged)
+CONFIG_ERROR_GRACE_S = 30  # how long a rank other than 0 waits with a config error for rank 0 to report it
 
 
 def run(main: Callable[[], object]) -> None:
@@ -33,6 +36,8 @@ def run(main: Callable[[], object]) -> None:
         if rank == 0 or not isinstance(e, ConfigError):
             where = f" (rank {rank})" if rank else ""
             print(f"error{where}: {e}", file=sys.stderr, flush=True)
+        else:  # exiting first would have the launcher stop rank 0 before it prints
+            time.sleep(CONFIG_ERROR_GRACE_S)
         distributed.shutdown(wait_for_others=False)  # a failed rank exits now, so the launcher sees the failure
         sys.exit(2)
     distributed.shutdown()

@@ -3,25 +3,63 @@
 The defaults are the MoCo v3 ViT recipe of the paper (ViT-B, batch 4096, AdamW lr 1.5e-4 x bs/256, wd 0.1,
 300 epochs with 40 warm-up, tau 0.2, m 0.99 -> 1 cosine, frozen random patch projection). A YAML file only
 overrides keys that exist in the schema; so do `section.key=value` arguments on the command line.
+
+The sections of the methods (moco:, sit:, beit:, ...) belong to the methods: each method file registers its
+section's dataclass and its checks (`register_method`) when fastvit_ssl.methods is imported, which `load` and
+`from_dict` do first. This module knows no method by name.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import difflib
+import importlib
 import typing
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
 import yaml
 
-from fastvit_ssl.models.attention import BACKENDS
-from fastvit_ssl.models.vit import ARCH_SPECS
+from fastvit_ssl.specs import ARCH_SPECS, ATTENTION_KERNELS, CONTRASTIVE_KERNEL_MAX_DIM, MODEL_KEYS
 
 
 class ConfigError(ValueError):
     """A configuration problem the user can fix; the message says what and how."""
+
+
+@dataclass(frozen=True)
+class MethodSection:
+    """What a method registers: its name (method.name), its YAML section and dataclass, its checks, and the keys of
+    its section that define its tensors (checkpoints compare them with specs.MODEL_KEYS)."""
+
+    name: str
+    section: str
+    schema: type
+    validate: Callable[[Config], None]
+    model_keys: tuple[str, ...] = ()
+
+
+METHODS: dict[str, MethodSection] = {}  # by method name, in registration order
+ALIASES: dict[tuple[str, str, Any], Any] = {}  # (section, key, former value) -> its value now
+DEFAULT_METHOD = "mocov3"  # the paper this project started from; the registry's default
+
+
+def register_method(
+    name: str, section: str, schema: type, validate: Callable[[Config], None], model_keys: tuple[str, ...] = ()
+) -> None:
+    METHODS[name] = MethodSection(name, section, schema, validate, model_keys)
+
+
+def register_alias(section: str, key: str, former: Any, now: Any) -> None:
+    """A value a setting had under an earlier name (stored configs and YAML files still say it)."""
+    ALIASES[section, key, former] = now
+
+
+def _discover() -> None:
+    """Import the method files so that their sections are registered (plugin discovery)."""
+    importlib.import_module("fastvit_ssl.methods")
 
 
 @dataclass
@@ -35,7 +73,8 @@ class ModelConfig:
     # torch.compile's mode: reduce-overhead and max-autotune replay CUDA graphs (static shapes: a ViT's are)
     compile_mode: Literal["default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"] = "default"
     pos_embed: Literal["sincos", "learned", "none"] = "sincos"  # fixed 2-D sin-cos (MoCo v3), learned (SiT), none
-    init: Literal["mocov3", "trunc_normal", "beit"] = "mocov3"  # xavier; DeiT's truncated normal (0.02); + BEiT's
+    # xavier (MoCo v3's); trunc_normal (DeiT's, SiT's: 0.02); depth_scaled (BEiT's: 0.02 cut at 1 std, / sqrt(2 l))
+    init: Literal["xavier", "trunc_normal", "depth_scaled"] = "xavier"
     num_heads: int = 0  # 0: the arch's (MoCo v3's ViT-S has 12 heads, DeiT's and SiT's 6)
     rel_pos_bias: Literal["none", "shared", "per_block"] = "none"  # BEiT: shared (pre-training), per_block
     layer_scale: float = 0.0  # LayerScale's initial value (BEiT: 0.1 for B, 1e-5 for L); 0: none
@@ -43,59 +82,12 @@ class ModelConfig:
     mask_token: bool = False  # a learned [MASK] embedding for masked patches (BEiT)
     # the attention kernel: auto (torch's SDPA picks) | flash | efficient | cudnn | math | flex | explicit (timm
     # 0.4.9's plain ops) | flash_attn2 | flash_attn3 | flash_attn4 (the flash-attn package); see models/attention.py
-    attention: Literal[BACKENDS] = "auto"
+    attention: Literal[ATTENTION_KERNELS] = "auto"
 
 
 @dataclass
 class MethodConfig:
-    name: Literal["mocov3", "sit", "beit"] = "mocov3"  # its settings live in the section of that name (mocov3: moco)
-
-
-@dataclass
-class MocoConfig:
-    dim: int = 256  # output of projector and predictor
-    mlp_dim: int = 4096  # hidden width of both MLPs
-    temperature: float = 0.2
-    momentum: float = 0.99  # start value; rises to 1 on a half-cosine when momentum_cosine
-    momentum_cosine: bool = True
-
-
-@dataclass
-class SitConfig:
-    """SiT (Ahmed et al. 2021): group-masked model learning + contrastive learning against a momentum teacher."""
-
-    dim: int = 256  # output of the contrastive head
-    mlp_dim: int = 4096  # hidden width of the contrastive head
-    temperature: float = 0.2
-    momentum: float = 0.996  # teacher EMA at the start; rises to 1 on a half-cosine when momentum_cosine
-    momentum_cosine: bool = True
-    recon_weight: float = 1.0  # lambda of the reconstruction loss (the official README uses 5 on small data)
-    corrupt_fraction: float = 0.5  # each view: random rectangles until at least this fraction is covered
-    corrupt_fill: Literal["zeros", "noise", "self"] = "zeros"  # self: content from elsewhere in the same image
-    max_side: float = 0.3  # rectangle sides from 1 pixel to below this fraction of the image side
-    replace_prob: float = 0.5  # per image, the corruption is instead...
-    replace_fraction: float = 0.3  # ...this fraction replaced by the same regions of another image of the batch
-    drop_path: float = 0.1  # stochastic depth of the student
-    # the reconstruction loss over ranks: global (the masked pixels of the global batch, whatever the number of
-    # ranks) or per_rank (each rank's own mean, averaged over ranks, as the official code with DDP)
-    loss_reduction: Literal["global", "per_rank"] = "global"
-
-
-@dataclass
-class BeitConfig:
-    """BEiT (Bao et al. 2021): masked prediction of visual tokens with an LM head, no momentum networks."""
-
-    tokenizer: Literal["trained", "dalle"] = "trained"  # a small dVAE trained on your images, or DALL-E's encoder
-    tokenizer_path: str = ""  # dalle: its converted weights (required); trained: "" trains one into the run folder
-    tokenizer_vocab: int = 1024  # trained: codes of the tokenizer trained for you
-    tokenizer_epochs: int = 10  # trained: its epochs over root/train
-    mask_patches: int = 75  # target masked patches per image (BEiT: 75 of 14 x 14, ~40%)
-    mask_min_patches: int = 16  # smallest block area drawn
-    mask_min_aspect: float = 0.3  # block aspect ratios from this to its inverse
-    drop_path: float = 0.1  # stochastic depth of the encoder
-    # the masked-token loss over ranks: global (the masked tokens of the global batch) or per_rank (each rank's
-    # own mean, averaged over ranks, as the official code with DDP)
-    loss_reduction: Literal["global", "per_rank"] = "global"
+    name: str = DEFAULT_METHOD  # a registered method; its settings live in its own section (mocov3: moco)
 
 
 @dataclass
@@ -167,21 +159,37 @@ class RunConfig:
 class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     method: MethodConfig = field(default_factory=MethodConfig)
-    moco: MocoConfig = field(default_factory=MocoConfig)
-    sit: SitConfig = field(default_factory=SitConfig)
-    beit: BeitConfig = field(default_factory=BeitConfig)
     data: DataConfig = field(default_factory=DataConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     engine: EngineConfig = field(default_factory=EngineConfig)
     run: RunConfig = field(default_factory=RunConfig)
+    # every registered method's section, by section name (cfg.moco, cfg.sit, ...: see __getattr__)
+    methods: dict[str, Any] = field(default_factory=lambda: {m.section: m.schema() for m in METHODS.values()})
+
+    def __getattr__(self, name: str) -> Any:
+        methods = self.__dict__.get("methods", {})
+        if name in methods:
+            return methods[name]
+        raise AttributeError(name)
+
+    @property
+    def method_section(self) -> Any:
+        """The section of the method this config trains."""
+        return self.methods[METHODS[self.method.name].section]
+
+    def sections(self) -> dict[str, Any]:
+        """Every section by name, the methods' included."""
+        fixed = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "methods"}
+        return {**fixed, **self.methods}
 
     def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        return {name: dataclasses.asdict(section) for name, section in self.sections().items()}
 
 
 def load(path: str | Path | None = None, overrides: list[str] = ()) -> Config:
     """Defaults, then the YAML file at `path`, then `section.key=value` overrides; validated."""
+    _discover()
     cfg = Config()
     if path is not None:
         path = Path(path)
@@ -215,6 +223,7 @@ def default_run_name(config_path: Path | None, data_root: str) -> str:
 
 def from_dict(tree: dict[str, Any]) -> Config:
     """Rebuild a Config from `to_dict()` output (e.g. stored in a checkpoint)."""
+    _discover()
     cfg = Config()
     _apply_tree(cfg, tree, where="stored config")
     return cfg
@@ -233,9 +242,11 @@ def _set(cfg: Config, dotted: str, value: Any, where: str) -> None:
     if len(parts) != 2:
         raise ConfigError(f"{where}: {dotted!r} must name section.key, e.g. optim.base_lr")
     section_name, key = parts
-    section = getattr(cfg, _known(section_name, [f.name for f in dataclasses.fields(cfg)], where), None)
+    sections = cfg.sections()
+    section = sections[_known(section_name, list(sections), where)]
     key = _known(key, [f.name for f in dataclasses.fields(section)], where, prefix=f"{section_name}.")
     hint = typing.get_type_hints(type(section))[key]
+    value = ALIASES.get((section_name, key, value), value) if isinstance(value, str) else value
     setattr(section, key, _coerce(value, hint, f"{where}: {dotted}"))
 
 
@@ -272,55 +283,53 @@ def _coerce(value: Any, hint: Any, what: str) -> Any:
     raise ConfigError(f"{what} = {value!r} must be of type {getattr(hint, '__name__', hint)}")
 
 
-FUSED_CONTRASTIVE_MAX_DIM = 256  # kernels/contrastive.py's MAX_DIM (a test keeps the two equal)
-
-
 def validate(cfg: Config) -> None:
-    """Value checks that need no other state than the config itself."""
-    checks = [
-        (cfg.model.img_size > 0, "model.img_size must be positive"),
-        (cfg.moco.dim > 0 and cfg.moco.mlp_dim > 0, "moco.dim and moco.mlp_dim must be positive"),
-        (cfg.moco.temperature > 0, "moco.temperature must be positive (the paper uses 0.2 for ViT)"),
-        (0 <= cfg.moco.momentum <= 1, "moco.momentum must lie in [0, 1] (the paper uses 0.99)"),
-        (cfg.data.batch_size > 0, "data.batch_size (global) must be positive"),
-        (cfg.data.num_workers >= 0, "data.num_workers must be >= 0"),
-        (0 < cfg.data.min_scale <= 1, "data.min_scale must lie in (0, 1]"),
-        (cfg.optim.base_lr > 0, "optim.base_lr must be positive"),
-        (cfg.optim.weight_decay >= 0, "optim.weight_decay must be >= 0"),
-        (0 <= cfg.optim.beta1 < 1 and 0 <= cfg.optim.beta2 < 1, "optim.beta1 and optim.beta2 must lie in [0, 1)"),
-        (cfg.optim.eps > 0, "optim.eps must be positive"),
-        (0 <= cfg.optim.momentum < 1, "optim.momentum must lie in [0, 1)"),
-        (cfg.optim.trust_coefficient > 0, "optim.trust_coefficient must be positive"),
-        (cfg.optim.epochs > 0, "optim.epochs must be positive"),
-        (
-            0 <= cfg.optim.warmup_epochs < cfg.optim.epochs,
-            f"optim.warmup_epochs={cfg.optim.warmup_epochs:g} must lie in [0, optim.epochs={cfg.optim.epochs}): "
-            "lower the warm-up or raise optim.epochs",
-        ),
-        (cfg.optim.clip_grad >= 0, "optim.clip_grad must be >= 0 (0 disables clipping)"),
-        (cfg.eval.knn_k > 0, "eval.knn_k must be positive"),
-        (cfg.eval.knn_temperature > 0, "eval.knn_temperature must be positive"),
-        (cfg.eval.knn_every_epochs >= 0, "eval.knn_every_epochs must be >= 0"),
-        (cfg.run.log_every > 0, "run.log_every must be positive"),
-        (cfg.run.ckpt_every >= 0 and cfg.run.keep_last >= 0, "run.ckpt_every and run.keep_last must be >= 0"),
-        (cfg.run.stop_at_step >= 0, "run.stop_at_step must be >= 0"),
-        (cfg.run.max_minutes >= 0, "run.max_minutes must be >= 0 (0: no wall-clock budget)"),
-        (cfg.engine.zero_stage in (0, 1, 2, 3), "engine.zero_stage must be 0, 1, 2 or 3"),
-        (cfg.run.max_bad_steps > 0 and cfg.run.max_rollbacks >= 0, "run.max_bad_steps > 0 and run.max_rollbacks >= 0"),
-        (0 < cfg.run.rollback_lr_scale <= 1, "run.rollback_lr_scale must lie in (0, 1]"),
-        (cfg.engine.timeout_s > 0, "engine.timeout_s must be positive"),
-        (cfg.run.name not in ("", ".", "..") and "/" not in cfg.run.name, "run.name must be a plain folder name"),
-    ]
-    for ok, message in checks:
-        if not ok:
-            raise ConfigError(message)
-    section = method_section(cfg)
-    dim = getattr(getattr(cfg, section), "dim", 0)  # of the contrastive loss (BEiT has none)
-    if cfg.run.kernels == "fused" and dim > FUSED_CONTRASTIVE_MAX_DIM:
-        raise ConfigError(
-            f"{section}.dim={dim}: the fused contrastive kernel takes at most {FUSED_CONTRASTIVE_MAX_DIM} "
-            f"features; use run.kernels=reference or a smaller {section}.dim"
-        )
+    """Value checks that need no other state than the config itself; then the method's own (its registration)."""
+    if cfg.method.name not in METHODS:
+        close = difflib.get_close_matches(cfg.method.name, list(METHODS), n=1)
+        hint = f"did you mean {close[0]}?" if close else f"the methods are {', '.join(METHODS)}"
+        raise ConfigError(f"method.name={cfg.method.name!r} is not a method of this project; {hint}")
+    check(
+        [
+            (cfg.model.img_size > 0, "model.img_size must be positive"),
+            (cfg.data.batch_size > 0, "data.batch_size (global) must be positive"),
+            (cfg.data.num_workers >= 0, "data.num_workers must be >= 0"),
+            (0 < cfg.data.min_scale <= 1, "data.min_scale must lie in (0, 1]"),
+            (cfg.optim.base_lr > 0, "optim.base_lr must be positive"),
+            (cfg.optim.weight_decay >= 0, "optim.weight_decay must be >= 0"),
+            (0 <= cfg.optim.beta1 < 1 and 0 <= cfg.optim.beta2 < 1, "optim.beta1 and optim.beta2 must lie in [0, 1)"),
+            (cfg.optim.eps > 0, "optim.eps must be positive"),
+            (0 <= cfg.optim.momentum < 1, "optim.momentum must lie in [0, 1)"),
+            (cfg.optim.trust_coefficient > 0, "optim.trust_coefficient must be positive"),
+            (cfg.optim.epochs > 0, "optim.epochs must be positive"),
+            (
+                0 <= cfg.optim.warmup_epochs < cfg.optim.epochs,
+                f"optim.warmup_epochs={cfg.optim.warmup_epochs:g} must lie in [0, optim.epochs={cfg.optim.epochs}): "
+                "lower the warm-up or raise optim.epochs",
+            ),
+            (cfg.optim.clip_grad >= 0, "optim.clip_grad must be >= 0 (0 disables clipping)"),
+            (cfg.eval.knn_k > 0, "eval.knn_k must be positive"),
+            (cfg.eval.knn_temperature > 0, "eval.knn_temperature must be positive"),
+            (cfg.eval.knn_every_epochs >= 0, "eval.knn_every_epochs must be >= 0"),
+            (cfg.run.log_every > 0, "run.log_every must be positive"),
+            (cfg.run.ckpt_every >= 0 and cfg.run.keep_last >= 0, "run.ckpt_every and run.keep_last must be >= 0"),
+            (cfg.run.stop_at_step >= 0, "run.stop_at_step must be >= 0"),
+            (cfg.run.max_minutes >= 0, "run.max_minutes must be >= 0 (0: no wall-clock budget)"),
+            (cfg.engine.zero_stage in (0, 1, 2, 3), "engine.zero_stage must be 0, 1, 2 or 3"),
+            (
+                cfg.run.max_bad_steps > 0 and cfg.run.max_rollbacks >= 0,
+                "run.max_bad_steps > 0 and run.max_rollbacks >= 0",
+            ),
+            (0 < cfg.run.rollback_lr_scale <= 1, "run.rollback_lr_scale must lie in (0, 1]"),
+            (cfg.engine.timeout_s > 0, "engine.timeout_s must be positive"),
+            (cfg.run.name not in ("", ".", "..") and "/" not in cfg.run.name, "run.name must be a plain folder name"),
+            (
+                not (cfg.optim.clip_mode == "per_tensor" and cfg.engine.name == "deepspeed"),
+                "optim.clip_mode=per_tensor is not available under DeepSpeed, which clips by the global norm inside "
+                "its step; use optim.clip_mode=global or engine.name=local",
+            ),
+        ]
+    )
     spec = ARCH_SPECS[cfg.model.arch]
     if cfg.model.img_size % spec.patch_size:
         raise ConfigError(
@@ -331,94 +340,44 @@ def validate(cfg: Config) -> None:
         raise ConfigError(
             f"model.num_heads={cfg.model.num_heads} must divide {cfg.model.arch}'s width {spec.embed_dim}"
         )
-    if cfg.method.name == "sit":
-        validate_sit(cfg)
-    if cfg.method.name == "beit":
-        validate_beit(cfg)
-    if cfg.optim.clip_mode == "per_tensor" and cfg.engine.name == "deepspeed":
+    METHODS[cfg.method.name].validate(cfg)
+
+
+def check(checks: list[tuple[bool, str]]) -> None:
+    """Raise ConfigError with the message of the first failed check."""
+    for ok, message in checks:
+        if not ok:
+            raise ConfigError(message)
+
+
+def check_contrastive_dim(cfg: Config, section: str, dim: int) -> None:
+    """The fused contrastive kernel's limit, for the methods that use it."""
+    if cfg.run.kernels == "fused" and dim > CONTRASTIVE_KERNEL_MAX_DIM:
         raise ConfigError(
-            "optim.clip_mode=per_tensor is not available under DeepSpeed, which clips by the global norm inside its "
-            "step; use optim.clip_mode=global or engine.name=local"
+            f"{section}.dim={dim}: the fused contrastive kernel takes at most {CONTRASTIVE_KERNEL_MAX_DIM} "
+            f"features; use run.kernels=reference or a smaller {section}.dim"
         )
 
 
-def validate_sit(cfg: Config) -> None:
-    sit, side = cfg.sit, cfg.model.img_size
-    checks = [
-        (sit.dim > 0 and sit.mlp_dim > 0, "sit.dim and sit.mlp_dim must be positive"),
-        (sit.temperature > 0, "sit.temperature must be positive (SiT uses 0.2)"),
-        (0 <= sit.momentum <= 1, "sit.momentum must lie in [0, 1] (SiT uses 0.996)"),
-        (sit.recon_weight >= 0, "sit.recon_weight must be >= 0"),
-        (0 < sit.corrupt_fraction < 1, "sit.corrupt_fraction must lie in (0, 1) (SiT uses 0.5)"),
-        (0 <= sit.replace_prob <= 1, "sit.replace_prob must lie in [0, 1]"),
-        (0 < sit.replace_fraction < 1, "sit.replace_fraction must lie in (0, 1) (SiT uses 0.3)"),
-        (0 <= sit.drop_path < 1, "sit.drop_path must lie in [0, 1)"),
-        (
-            1 < int(side * sit.max_side) < side,
-            f"sit.max_side={sit.max_side} of a {side}px image must allow rectangles of 1 to "
-            f"{int(side * sit.max_side) - 1} pixels; use a larger value or model.img_size",
-        ),
-        (cfg.model.global_pool == "token", "SiT reads the class token: use model.global_pool=token"),
-        (not ARCH_SPECS[cfg.model.arch].conv_stem, "SiT reconstructs patches: use an arch without the conv stem"),
-    ]
-    for ok, message in checks:
-        if not ok:
-            raise ConfigError(message)
+def model_differences(stored: Config, current: Config) -> list[tuple[str, Any, Any]]:
+    """What makes the model of `stored` another model than that of `current`, as (key, stored value, current
+    value): the method, specs.MODEL_KEYS and the method's own model keys. The one rule of "the same model", for
+    resume, run.init_from and evaluations."""
+    if stored.method.name != current.method.name:
+        return [("method.name", stored.method.name, current.method.name)]
+    method = METHODS[current.method.name]
+    pairs = [(f"model.{k}", model_value(stored, k), model_value(current, k)) for k in MODEL_KEYS]
+    there, here = stored.methods[method.section], current.methods[method.section]
+    pairs += [(f"{method.section}.{k}", getattr(there, k), getattr(here, k)) for k in method.model_keys]
+    return [(key, a, b) for key, a, b in pairs if a != b]
 
 
-def validate_beit(cfg: Config) -> None:
-    beit, spec = cfg.beit, ARCH_SPECS[cfg.model.arch]
-    patches = (cfg.model.img_size // spec.patch_size) ** 2
-    checks = [
-        (0 < beit.mask_patches < patches, f"beit.mask_patches must lie in 1..{patches - 1} (the patches of an image)"),
-        (0 < beit.mask_min_patches <= beit.mask_patches, "beit.mask_min_patches must lie in 1..beit.mask_patches"),
-        (0 < beit.mask_min_aspect <= 1, "beit.mask_min_aspect must lie in (0, 1] (BEiT uses 0.3)"),
-        (beit.tokenizer_vocab > 1 and beit.tokenizer_epochs > 0, "beit.tokenizer_vocab and _epochs must be positive"),
-        (0 <= beit.drop_path < 1, "beit.drop_path must lie in [0, 1)"),
-        (cfg.model.mask_token, "BEiT replaces masked patches by a learned token: set model.mask_token=true"),
-        (cfg.model.global_pool != "avg", "BEiT's LM head reads normed tokens: model.global_pool=avg_normed or token"),
-        (not spec.conv_stem, "BEiT masks patch embeddings: use an arch without the conv stem"),
-    ]
-    for ok, message in checks:
-        if not ok:
-            raise ConfigError(message)
-
-
-def method_section(cfg: Config) -> str:
-    """The config section that holds the settings of cfg.method.name."""
-    return {"mocov3": "moco"}.get(cfg.method.name, cfg.method.name)
+def model_value(cfg: Config, key: str) -> Any:
+    """cfg.model.<key>, defaults resolved (num_heads 0 is the arch's)."""
+    if key == "num_heads":
+        return cfg.model.num_heads or ARCH_SPECS[cfg.model.arch].num_heads
+    return getattr(cfg.model, key)
 
 
 def save_yaml(cfg: Config, path: Path) -> None:
     path.write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
-
-
-def to_deepspeed(cfg: Config, world_size: int) -> dict[str, Any]:
-    """The DeepSpeed JSON config, generated from ours (never kept as a second, hand-edited copy).
-
-    No gradient accumulation: MoCo's negatives are the keys of one forward pass, so accumulating micro-batches would
-    train with fewer negatives than the batch size says; the global batch is one step over all ranks.
-    """
-    ds = {
-        "train_batch_size": cfg.data.batch_size,
-        "train_micro_batch_size_per_gpu": cfg.data.batch_size // world_size,
-        "gradient_accumulation_steps": 1,
-        # ZeRO skips an update whose gradients are not finite; explicit, the engine reports it to the NaN guard
-        "bf16": {"enabled": cfg.run.precision == "bf16", "check_grad_overflow": True},
-        # dynamic loss scaling as torch's GradScaler: from 2^16, halved at each overflow, doubled after 2,000 clean
-        # steps
-        "fp16": {
-            "enabled": cfg.run.precision == "fp16",
-            "loss_scale": 0,
-            "initial_scale_power": 16,
-            "loss_scale_window": 2000,
-            "hysteresis": 1,
-            "min_loss_scale": 1,
-        },
-        "zero_optimization": {"stage": cfg.engine.zero_stage},
-        "gradient_clipping": cfg.optim.clip_grad,  # always explicit: DeepSpeed's default (1.0) would clip silently
-        "zero_allow_untested_optimizer": True,  # LARS/LAMB: ZeRO-correct through optim/trust_ratio.py
-        "steps_per_print": 2**31 - 1,  # our monitor prints
-        "wall_clock_breakdown": False,
-    }
-    return ds

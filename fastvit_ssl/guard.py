@@ -1,4 +1,4 @@
-"""What keeps a long run alive: the non-finite step guard, and the fault hooks the tests use to provoke failures.
+"""What keeps a long run alive: the non-finite step guard.
 
 A step whose loss or gradient norm is not finite is skipped by the engine (no optimizer update; the batch is
 dropped, the schedules move on) and counted here. After `max_bad_steps` in a row the run rolls back to its last
@@ -9,8 +9,6 @@ message (policy "stop"). A non-finite model is never saved.
 from __future__ import annotations
 
 import logging
-import os
-import signal
 
 log = logging.getLogger(__name__)
 
@@ -61,31 +59,3 @@ class NonFiniteGuard:
             self.max_rollbacks,
         )
         return True
-
-
-class FaultHooks:
-    """Failures on demand, for tests (read from the environment, inert when unset):
-    FASTVIT_SSL_NAN_ITERATIONS=4,5,6   make the loss NaN at these engine calls (1-based, counted per process)
-    FASTVIT_SSL_DIE_AT=1:3             rank 1 exits abruptly at its 3rd engine call
-    FASTVIT_SSL_SIGNAL_AT=0:3:SIGTERM  rank 0 sends itself SIGTERM at its 3rd engine call (as a launcher would)
-    """
-
-    def __init__(self, rank: int):
-        spec = os.environ.get("FASTVIT_SSL_NAN_ITERATIONS", "")
-        self.nan_iterations = {int(i) for i in spec.split(",") if i.strip()}
-        die = os.environ.get("FASTVIT_SSL_DIE_AT", "")
-        self.die_iteration = int(die.split(":")[1]) if die and int(die.split(":")[0]) == rank else None
-        signal_rank, _, rest = os.environ.get("FASTVIT_SSL_SIGNAL_AT", "").partition(":")
-        at, _, name = rest.partition(":")
-        self.signal_at = (int(at), signal.Signals[name]) if signal_rank and int(signal_rank) == rank else None
-        self.iteration = 0
-
-    def next_iteration(self) -> bool:
-        """Advance the call counter; True when this call's loss must be poisoned."""
-        self.iteration += 1
-        if self.iteration == self.die_iteration:
-            log.error("fault hook: this rank exits now (FASTVIT_SSL_DIE_AT)")
-            os._exit(17)
-        if self.signal_at and self.iteration == self.signal_at[0]:
-            os.kill(os.getpid(), self.signal_at[1])
-        return self.iteration in self.nan_iterations

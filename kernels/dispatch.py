@@ -1,12 +1,18 @@
 """The one switch between the fused Triton kernels and the plain-PyTorch references (`run.kernels`), read when
 modules are built; nothing switches per call. Fused kernels run compiled on CUDA devices only: on a CPU the
-references train (the Triton interpreter is for the tests)."""
+references train (the Triton interpreter is for the tests).
+
+Each operation is a name with its reference (the specification, in the package that uses it: methods/losses.py,
+methods/ema.py, optim/, data/gmml.py) and its kernel in this folder. Models, methods and optimizers receive
+an `Ops` and look operations up by name (`ops["contrastive_loss"]`); they never import this module. A new kernel is
+a line in KERNELS.
+"""
 
 from __future__ import annotations
 
+import importlib
 import logging
-from collections.abc import Callable
-from dataclasses import dataclass
+from collections.abc import Callable, Mapping
 
 import torch
 
@@ -18,20 +24,35 @@ from fastvit_ssl.optim.lars import LARS
 
 log = logging.getLogger(__name__)
 
+# name -> (reference, "module:attribute" of the fused kernel in fastvit_ssl.kernels)
+KERNELS: dict[str, tuple[Callable | type | None, str]] = {
+    "contrastive_loss": (contrastive_loss_ref, "contrastive:contrastive_loss"),
+    "ema_update_": (ema_update_ref_, "ema:ema_update_"),
+    "patch_embed": (None, "patch_embed:patch_embed"),  # None: the ViT's own conv -> flatten -> cat -> add
+    "lars": (LARS, "lars_lamb:FusedLARS"),
+    "lamb": (LAMB, "lars_lamb:FusedLAMB"),
+    "take_rounds": (take_rounds_ref, "gmml:take_rounds"),  # GMML's corruption rounds
+    "lm_head_loss": (linear_cross_entropy_ref, "linear_ce:linear_cross_entropy"),  # a masked-token LM head's loss
+}
 
-@dataclass(frozen=True)
-class Ops:
-    contrastive_loss: Callable = contrastive_loss_ref
-    ema_update_: Callable = ema_update_ref_
-    patch_embed: Callable | None = None  # None: the ViT's own conv -> flatten -> cat -> add
-    lars: type = LARS
-    lamb: type = LAMB
-    take_rounds: Callable = take_rounds_ref  # SiT's GMML corruption rounds
-    lm_head_loss: Callable = linear_cross_entropy_ref  # BEiT's masked-token cross-entropy
-    fused: bool = False
+
+class Ops(Mapping):
+    """The operations a run computes with, by name; `fused` says whether they are the Triton kernels."""
+
+    def __init__(self, table: dict[str, Callable | type | None], fused: bool):
+        self.table, self.fused = dict(table), fused
+
+    def __getitem__(self, name: str):
+        return self.table[name]
+
+    def __iter__(self):
+        return iter(self.table)
+
+    def __len__(self) -> int:
+        return len(self.table)
 
 
-REFERENCE_OPS = Ops()
+REFERENCE_OPS = Ops({name: reference for name, (reference, _) in KERNELS.items()}, fused=False)
 
 
 def select_ops(kernels: str, device: torch.device) -> Ops:
@@ -46,13 +67,8 @@ def select_ops(kernels: str, device: torch.device) -> Ops:
 
 def fused_ops() -> Ops:
     """The Triton kernels, wherever the tensors are (on CPU tensors only under TRITON_INTERPRET=1, for tests)."""
-    from fastvit_ssl.kernels.contrastive import contrastive_loss
-    from fastvit_ssl.kernels.ema import ema_update_
-    from fastvit_ssl.kernels.gmml import take_rounds
-    from fastvit_ssl.kernels.lars_lamb import FusedLAMB, FusedLARS
-    from fastvit_ssl.kernels.linear_ce import linear_cross_entropy
-    from fastvit_ssl.kernels.patch_embed import patch_embed
-
-    return Ops(
-        contrastive_loss, ema_update_, patch_embed, FusedLARS, FusedLAMB, take_rounds, linear_cross_entropy, fused=True
-    )
+    table = {}
+    for name, (_, where) in KERNELS.items():
+        module, attribute = where.split(":")
+        table[name] = getattr(importlib.import_module(f"fastvit_ssl.kernels.{module}"), attribute)
+    return Ops(table, fused=True)

@@ -3,7 +3,7 @@
 BEIT_TINY = [
     "method.name=beit",
     "model.pos_embed=none",
-    "model.init=beit",
+    "model.init=depth_scaled",
     "model.rel_pos_bias=shared",
     "model.layer_scale=0.1",
     "model.qkv_bias=qv",

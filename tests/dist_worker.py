@@ -12,18 +12,22 @@ import torch
 from fastvit_ssl import distributed
 from fastvit_ssl.config import load
 from fastvit_ssl.engine.local import LocalEngine
+from fastvit_ssl.kernels.dispatch import REFERENCE_OPS
 from fastvit_ssl.methods.build import build_method
+from fastvit_ssl.optim.schedules import Hyperparameters
 
 
 def one_step(out_path: str, overrides: list[str]) -> None:
     cfg = load(None, ["model.arch=vit_demo", "model.img_size=14", "moco.dim=16", "moco.mlp_dim=32", *overrides])
     torch.manual_seed(0)
-    model = build_method(cfg).double()
+    model = build_method(cfg, REFERENCE_OPS).double()
     x1, x2 = torch.randn(2, 8, 3, 14, 14, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
     n = 8 // distributed.world_size()
     shard = slice(distributed.rank() * n, (distributed.rank() + 1) * n)
     engine = LocalEngine(model, torch.optim.SGD(model.parameters(), lr=0.0), torch.device("cpu"))
-    loss = model.step_losses([x1[shard], x2[shard]], step=0, momentum=0.99, online=engine.online)["loss"]
+    loss = model.step_losses(
+        [x1[shard], x2[shard]], step=0, hparams=Hyperparameters(0.0, 0.0, 0.99), online=engine.online
+    )["loss"]
     loss.backward()
     loss = distributed.all_reduce_mean(loss.detach())  # the global-batch loss is the mean over ranks
     grads = {name: p.grad for name, p in model.named_parameters() if p.grad is not None}

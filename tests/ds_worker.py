@@ -85,7 +85,7 @@ def make_engine(kind: str, optimizer: str, stage: int, layout: bool = True, prec
     ]
     cfg = load(None, [*BASE, *overrides])
     torch.manual_seed(0)
-    model = build_method(cfg)
+    model = build_method(cfg, REFERENCE_OPS)
     if kind == "local":
         return LocalEngine(model, build_optimizer(cfg.optim, model.param_groups()), torch.device("cpu")), cfg
     from fastvit_ssl.engine.deepspeed_engine import DeepSpeedEngine

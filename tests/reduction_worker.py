@@ -14,6 +14,7 @@ from beit_overrides import BEIT_TINY
 
 from fastvit_ssl import distributed
 from fastvit_ssl.config import load
+from fastvit_ssl.kernels.dispatch import REFERENCE_OPS
 from fastvit_ssl.methods.beit import IGNORE
 from fastvit_ssl.methods.build import build_method
 
@@ -40,7 +41,7 @@ def rank_losses(method: str, reduction: str, folder: Path) -> tuple[torch.Tensor
     overrides = SIT if method == "sit" else [*TINY, *beit_overrides(folder)]
     cfg = load(None, [*overrides, f"{method}.loss_reduction={reduction}"])
     torch.manual_seed(0)
-    model = build_method(cfg).double()
+    model = build_method(cfg, REFERENCE_OPS).double()
     views = torch.randn(2, 8, 3, cfg.model.img_size, cfg.model.img_size, dtype=torch.float64,
                         generator=torch.Generator().manual_seed(1))  # fmt: skip
     n = 8 // distributed.world_size()

@@ -10,9 +10,11 @@ import torch.nn.functional as F
 from beit_overrides import BEIT_TINY
 
 import train
+from fastvit_ssl.checkpoint import IncompatibleCheckpoint
 from fastvit_ssl.config import ConfigError, load
 from fastvit_ssl.eval import export, finetune
 from fastvit_ssl.eval.encoder import adapt_state, load_encoder
+from fastvit_ssl.kernels.dispatch import REFERENCE_OPS
 from fastvit_ssl.methods.beit import IGNORE, LMHead
 from fastvit_ssl.methods.build import build_method
 from fastvit_ssl.models.vit import Attention, Block, RelativePositionBias, VisionTransformer
@@ -20,7 +22,9 @@ from fastvit_ssl.monitor import read_metrics
 from fastvit_ssl.tokenizer.dalle import DalleEncoder, DalleTokenizer
 from fastvit_ssl.tokenizer.dvae import PatchVQ, PatchVQConfig
 
-BEIT_VIT = dict(pos_embed="none", init="beit", rel_pos_bias="shared", layer_scale=0.1, qkv_bias="qv", mask_token=True)
+BEIT_VIT = dict(
+    pos_embed="none", init="depth_scaled", rel_pos_bias="shared", layer_scale=0.1, qkv_bias="qv", mask_token=True
+)
 BEIT = [
     *BEIT_TINY,
     "model.frozen_patch_embed=false",
@@ -213,21 +217,40 @@ def test_prepare_masks_targets_and_padding():
     torch.testing.assert_close(loss, expected)  # fp32, the same products summed in another grouping: a few ulps
 
 
-def BEiT_with_random_tokenizer(cfg):
+def BEiT_with_random_tokenizer(cfg, seed=0):
     from unittest import mock
 
+    torch.manual_seed(seed)
     tokenizer = PatchVQ(PatchVQConfig(image_size=28, patch=7, vocab=16))
-    with mock.patch("fastvit_ssl.methods.beit.build_tokenizer", lambda cfg: tokenizer):
-        return build_method(cfg)
+    with mock.patch("fastvit_ssl.methods.beit.load_tokenizer", lambda cfg: tokenizer):
+        return build_method(cfg, REFERENCE_OPS)
+
+
+def test_checkpoints_hold_the_tokenizers_hash_not_its_weights():
+    """The frozen tokenizer is not trained: a checkpoint names it by the SHA-256 of its weights and refuses to load
+    into a run with another; checkpoints from before 2026-12-04 hold its weights, which are hashed and dropped."""
+    cfg = load(None, [*BEIT, "model.arch=vit_demo", "model.img_size=28"])
+    method, same, other = (BEiT_with_random_tokenizer(cfg, seed) for seed in (0, 0, 1))
+    state = method.state_dict()
+    assert not any(k.startswith("tokenizer.") for k in state) and state["tokenizer_digest"].shape == (32,)
+    assert bytes(state["tokenizer_digest"].tolist()).hex() == method.tokenizer.digest()
+    same.load_state_dict(state)
+    with pytest.raises(IncompatibleCheckpoint, match="another visual tokenizer"):
+        other.load_state_dict(state)
+    legacy = {k: v for k, v in state.items() if k != "tokenizer_digest"}
+    legacy |= {f"tokenizer.{k}": v for k, v in method.tokenizer.state_dict().items()}
+    same.load_state_dict(legacy)
+    with pytest.raises(IncompatibleCheckpoint, match="another visual tokenizer"):
+        other.load_state_dict(legacy)
 
 
 def test_wrong_beit_settings_are_refused():
     with pytest.raises(ConfigError, match="model.mask_token=true"):
         load(None, ["method.name=beit"])
-    with pytest.raises(ConfigError, match="beit.tokenizer=dalle needs beit.tokenizer_path"):
-        build_method(load(None, [*BEIT, "beit.tokenizer=dalle", "beit.mask_patches=75", "beit.mask_min_patches=16"]))
+    with pytest.raises(ConfigError, match="beit.tokenizer=dalle needs beit.tokenizer_path"):  # when loaded
+        load(None, [*BEIT, "beit.tokenizer=dalle", "beit.mask_patches=75", "beit.mask_min_patches=16"])
     with pytest.raises(ConfigError, match="python -m fastvit_ssl.tokenizer.train"):
-        build_method(load(None, [*BEIT, "beit.tokenizer_path=/nonexistent/t.safetensors"]))
+        load(None, [*BEIT, "beit.tokenizer_path=/nonexistent/t.safetensors"])
     with pytest.raises(ConfigError, match="beit.mask_patches must lie in 1..15"):
         load(None, [*BEIT, "model.arch=vit_demo", "model.img_size=28", "beit.mask_patches=20"])
 

@@ -56,12 +56,12 @@ def test_the_benchmark_times_the_step_train_py_runs(tiny_overrides):
     summary = train.main(overrides)
     cfg = load(train.DEFAULT_CONFIG, overrides)  # what train.main(overrides) loads
     ours = Ours(cfg, CPU)
-    loader = build_train_data(cfg, Path(cfg.data.root), CPU)[0]
+    method = type(ours.model)
+    loader = build_train_data(cfg, Path(cfg.data.root), CPU, method.views(cfg))[0]
     loader.start(0)
     views = next(iter(loader)).views
-    momentum = ours.model.momentum(0.0, cfg.optim.epochs)
-    peak_lr = schedules.peak_learning_rate(cfg.optim.base_lr, cfg.data.batch_size)
-    loss = ours.engine.step(views, 0, schedules.hyperparameters(cfg.optim, 0.0, peak_lr, momentum))[0]["loss"]
+    hparams = schedules.Schedules(cfg, method, loader.batches_per_epoch).at(0)
+    loss = ours.engine.step(views, 0, hparams)[0]["loss"]
     first = next(r for r in read_metrics(Path(summary["run_dir"]) / "metrics.jsonl") if "loss" in r)
     assert loss.item() == first["loss"]
     stored = torch.load(summary["checkpoint"], weights_only=False)["model"]

@@ -8,6 +8,7 @@ import torch
 
 import train
 from fastvit_ssl.config import load
+from fastvit_ssl.kernels.dispatch import REFERENCE_OPS
 from fastvit_ssl.methods.build import build_method
 from fastvit_ssl.monitor import read_metrics
 
@@ -22,7 +23,7 @@ def losses(summary: dict) -> list[float]:
 
 def test_compile_wraps_every_block_of_both_encoders_and_keeps_names():
     cfg = load(None, ["model.arch=vit_demo", "model.img_size=28", "model.compile=true"])
-    method = build_method(cfg)
+    method = build_method(cfg, REFERENCE_OPS)
     blocks = [m for m in method.modules() if type(m).__name__ == "Block"]
     assert len(blocks) == 8 and all(b._compiled_call_impl is not None for b in blocks)  # 4 online + 4 momentum
     assert "momentum_encoder.blocks.0.attn.qkv.weight" in method.state_dict()

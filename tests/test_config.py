@@ -61,23 +61,39 @@ def test_yaml_errors(tmp_path):
         load(bad)
 
 
-def test_train_rejects_bad_config_before_any_work(tmp_path):
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["optim.bse_lr=1e-3"], "command line: unknown key optim.bse_lr; did you mean optim.base_lr?"),
+        (["moco.temprature=0.1"], "command line: unknown key moco.temprature; did you mean moco.temperature?"),
+        (  # a method's own check, before the demo data set is written
+            ["--config", str(REPO / "configs" / "beit_demo.yaml"), "beit.tokenizer=dalle"],
+            "beit.tokenizer=dalle needs beit.tokenizer_path=<DALL-E's encoder as safetensors>, got '': no such file. "
+            "Convert OpenAI's released encoder.pkl once, as fastvit_ssl/tokenizer/dalle.py says, or use "
+            "beit.tokenizer=trained",
+        ),
+    ],
+)
+def test_train_rejects_bad_config_before_any_work(tmp_path, args, message):
     result = subprocess.run(
-        [sys.executable, str(REPO / "train.py"), "optim.bse_lr=1e-3", f"run.out_dir={tmp_path}"],
+        [sys.executable, str(REPO / "train.py"), *args, f"run.out_dir={tmp_path}"],
         capture_output=True,
         text=True,
         cwd=tmp_path,
         timeout=120,
     )
     assert result.returncode == 2
-    assert result.stderr.strip().splitlines() == [
-        "error: command line: unknown key optim.bse_lr; did you mean optim.base_lr?"
-    ]
+    assert result.stderr.strip().splitlines() == [f"error: {message}"]
     assert "Traceback" not in result.stderr
     assert list(tmp_path.iterdir()) == []  # nothing written
 
 
 @pytest.mark.parametrize("path", sorted((REPO / "configs").glob("*.yaml")), ids=lambda p: p.name)
 def test_shipped_configs_load(path):
-    cfg = load(path)
+    if "tokenizer: dalle" in path.read_text():  # DALL-E's weights are the user's file: the recipe names none
+        with pytest.raises(ConfigError, match="beit.tokenizer_path=<DALL-E's encoder"):
+            load(path)
+        cfg = load(path, ["beit.tokenizer=dalle_random"])
+    else:
+        cfg = load(path)
     assert cfg.run.name == path.stem

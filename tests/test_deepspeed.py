@@ -129,7 +129,8 @@ def test_per_layer_gradient_norms_are_the_local_engines(results, stage):
 
 
 def test_deepspeed_config_is_generated_from_ours():
-    from fastvit_ssl.config import load, to_deepspeed
+    from fastvit_ssl.config import load
+    from fastvit_ssl.engine.deepspeed_engine import to_deepspeed
 
     cfg = load(None, ["engine.name=deepspeed", "engine.zero_stage=3", "run.precision=bf16", "data.batch_size=4096"])
     ds = to_deepspeed(cfg, world_size=64)
@@ -162,7 +163,8 @@ def test_deepspeed_launcher_trains_resumes_and_consolidates(tiny_overrides, tmp_
     recipe), interrupted, resumed, then consolidated for eval."""
     from fastvit_ssl.config import from_dict
     from fastvit_ssl.engine.consolidate import main as consolidate
-    from fastvit_ssl.methods.mocov3 import build_mocov3
+    from fastvit_ssl.kernels.dispatch import REFERENCE_OPS
+    from fastvit_ssl.methods.mocov3 import MoCoV3
 
     repo = Path(__file__).resolve().parents[1]
     command = [
@@ -185,7 +187,7 @@ def test_deepspeed_launcher_trains_resumes_and_consolidates(tiny_overrides, tmp_
     assert consolidate([str(run_dir), "--out", str(tmp_path / "model.pt")]) == 0
     state = torch.load(tmp_path / "model.pt", weights_only=True)
     assert state["step"] == 6
-    build_mocov3(from_dict(state["config"])).load_state_dict(state["model"])  # strict: every key present
+    MoCoV3.build(from_dict(state["config"]), REFERENCE_OPS).load_state_dict(state["model"])  # strict: every key present
 
 
 def test_deepspeed_runs_without_a_launcher(tiny_overrides):

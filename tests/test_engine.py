@@ -9,6 +9,7 @@ import torch
 import train
 from fastvit_ssl.config import load
 from fastvit_ssl.engine.local import GradientNorms, LocalEngine, layer_groups
+from fastvit_ssl.kernels.dispatch import REFERENCE_OPS
 from fastvit_ssl.methods.build import build_method
 from fastvit_ssl.monitor import read_metrics
 from fastvit_ssl.optim.build import build_optimizer
@@ -20,9 +21,9 @@ TINY = ["model.arch=vit_demo", "model.img_size=14", "moco.dim=16", "moco.mlp_dim
 def method_with_gradients(seed: int = 0):
     """A tiny MoCo v3 in float64 (norms compared with formulas, not summation orders) after one backward."""
     torch.manual_seed(seed)
-    model = build_method(load(None, TINY)).double()
+    model = build_method(load(None, TINY), REFERENCE_OPS).double()
     views = list(torch.randn(2, 4, 3, 14, 14, dtype=torch.float64, generator=torch.Generator().manual_seed(seed)))
-    model.step_losses(views, step=0, momentum=0.99)["loss"].backward()
+    model.step_losses(views, step=0, hparams=Hyperparameters(0.0, 0.0, 0.99))["loss"].backward()
     params = [p for p in model.online.parameters() if p.requires_grad]
     return model, params
 
@@ -66,7 +67,7 @@ def test_per_tensor_clipping_scales_each_large_tensor_on_its_own():
 def test_fp16_overflow_skips_the_update_halves_the_scale_and_is_not_a_bad_step():
     """On CPU autocast takes fp16 too; an infinite gradient stands for an overflow of the scaled loss."""
     torch.manual_seed(0)
-    model = build_method(load(None, TINY))
+    model = build_method(load(None, TINY), REFERENCE_OPS)
     engine = LocalEngine(
         model, build_optimizer(load(None, TINY).optim, model.param_groups()), torch.device("cpu"), "fp16"
     )

@@ -1,22 +1,24 @@
 import torch
 
 from fastvit_ssl.config import load
+from fastvit_ssl.kernels.dispatch import REFERENCE_OPS
 from fastvit_ssl.methods.losses import contrastive_loss_ref
-from fastvit_ssl.methods.mocov3 import build_mocov3
+from fastvit_ssl.methods.mocov3 import MoCoV3
+from fastvit_ssl.optim.schedules import Hyperparameters
 
 TINY = ["model.arch=vit_demo", "model.img_size=14", "moco.dim=16", "moco.mlp_dim=32"]
 
 
 def tiny_model():
     torch.manual_seed(0)
-    return build_mocov3(load(None, TINY))
+    return MoCoV3.build(load(None, TINY), REFERENCE_OPS)
 
 
 def test_loss_is_the_symmetric_contrastive_loss_of_the_paper():
     model = tiny_model().double()  # fp64: the comparison is of formulas, not of fp32 summation orders
     x1, x2 = torch.randn(2, 6, 3, 14, 14, dtype=torch.float64)
     reference = tiny_model().double()  # same weights; run the official per-view computation by hand
-    loss = model.step_losses([x1, x2], step=0, momentum=0.99)["loss"]
+    loss = model.step_losses([x1, x2], step=0, hparams=Hyperparameters(0.0, 0.0, 0.99))["loss"]
     q1 = reference.online.predictor(reference.online.base_projector(reference.online.base_encoder(x1)))
     q2 = reference.online.predictor(reference.online.base_projector(reference.online.base_encoder(x2)))
     with torch.no_grad():
@@ -34,7 +36,7 @@ def test_one_encoder_pass_for_both_views_equals_one_pass_per_view():
     for one_pass in (True, False):
         model = tiny_model().double()
         model.encode_views_in_one_pass(one_pass)
-        loss = model.step_losses([x1, x2], step=0, momentum=0.99)["loss"]
+        loss = model.step_losses([x1, x2], step=0, hparams=Hyperparameters(0.0, 0.0, 0.99))["loss"]
         loss.backward()
         runs.append((loss, [p.grad for p in model.online.parameters() if p.grad is not None]))
     (loss, grads), (loss2, grads2) = runs
@@ -47,7 +49,9 @@ def test_momentum_encoder_starts_equal_gets_no_gradient_and_follows_the_ema():
     model = tiny_model()
     for b, m in zip(model.online.base_encoder.parameters(), model.momentum_encoder.parameters()):
         assert torch.equal(b, m) and not m.requires_grad
-    model.step_losses(list(torch.randn(2, 4, 3, 14, 14)), step=0, momentum=0.9)["loss"].backward()
+    model.step_losses(list(torch.randn(2, 4, 3, 14, 14)), step=0, hparams=Hyperparameters(0.0, 0.0, 0.9))[
+        "loss"
+    ].backward()
     assert all(p.grad is None for p in model.momentum_encoder.parameters())
     assert all(p.grad is None for p in model.momentum_projector.parameters())
     with torch.no_grad():

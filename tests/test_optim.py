@@ -1,16 +1,20 @@
 import math
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 from torch import nn
 
-from fastvit_ssl.config import OptimConfig
+from fastvit_ssl.config import OptimConfig, load
+from fastvit_ssl.methods.base import method_class
 from fastvit_ssl.optim import schedules
 from fastvit_ssl.optim.build import build_optimizer
 from fastvit_ssl.optim.lamb import LAMB
 from fastvit_ssl.optim.lars import LARS
 from fastvit_ssl.optim.schedules import Hyperparameters, set_hyperparameters
+
+REPO = Path(__file__).resolve().parents[1]
 
 # Schedules are Python floats (fp64): pytest.approx's default (1e-6 relative) is far above their rounding. The
 # optimizers keep fp32 state and compute in fp32 whatever the parameters' dtype: 3 steps on values of size ~1 stay
@@ -25,25 +29,42 @@ def test_learning_rate_schedule():
     assert schedules.peak_learning_rate(1.5e-4, 4096) == pytest.approx(2.4e-3)
 
 
-def test_hyperparameters_follow_the_sit_recipe():
-    cfg = OptimConfig(epochs=100, warmup_epochs=10, min_lr=1e-6, weight_decay=0.04, weight_decay_end=0.1)
-    start, middle, end = (schedules.hyperparameters(cfg, e, 5e-4, momentum=0.996) for e in (0, 50, 100))
+def configured(method: str, *overrides: str):
+    """The method's demo config with `overrides` (valid for that method)."""
+    demo = {"mocov3": "demo.yaml", "sit": "sit_demo.yaml", "beit": "beit_demo.yaml"}[method]
+    return load(REPO / "configs" / demo, list(overrides))
+
+
+def test_schedules_follow_the_sit_recipe():
+    cfg = configured(
+        "sit",
+        *("optim.epochs=100", "optim.warmup_epochs=10", "optim.min_lr=1e-6", "optim.base_lr=5e-4"),
+        *("optim.weight_decay=0.04", "optim.weight_decay_end=0.1", "sit.momentum=0.996", "data.batch_size=256"),
+    )
+    spe = 10
+    s = schedules.Schedules(cfg, method_class("sit"), spe)
+    start, middle, last = s.at(0), s.at(50 * spe), s.at(100 * spe - 1)
     assert (start.lr, start.weight_decay, start.momentum) == (0.0, pytest.approx(0.04), 0.996)
     assert middle.weight_decay == pytest.approx(0.07)  # half-way along the cosine
-    assert end.lr == pytest.approx(1e-6) and end.weight_decay == pytest.approx(0.1)
-    halved = schedules.hyperparameters(cfg, 50, 5e-4, 0.996, lr_scale=0.5)
-    assert halved.lr == pytest.approx(middle.lr / 2)
-    constant = schedules.hyperparameters(OptimConfig(weight_decay=0.1), 7, 1.0, 0.99)
-    assert constant.weight_decay == 0.1
+    # one iteration before the end: lr = 1e-6 + 2.5e-4 (1 - cos(pi 0.1 / 90)) = 1e-6 + 1.5e-9 (0.15% above its
+    # end), weight decay = 0.1 - 0.03 (1 - cos(pi 0.1 / 100)) = 0.1 - 1.5e-7
+    assert last.lr == pytest.approx(1e-6, rel=1e-2) and last.weight_decay == pytest.approx(0.1, rel=1e-5)
+    assert s.at(50 * spe, lr_scale=0.5).lr == pytest.approx(middle.lr / 2)
+    assert s.at(10**6) == last  # past the end: the last values
+    assert set(start.values) == {"lr", "weight_decay", "momentum"}
+    constant = schedules.Schedules(configured("sit", "optim.weight_decay=0.1"), method_class("sit"), spe)
+    assert set(constant.weight_decay) == {0.1}
 
 
-def test_momentum_schedule():
-    assert schedules.moco_momentum(0, 300, 0.99) == pytest.approx(0.99)
-    assert schedules.moco_momentum(150, 300, 0.99) == pytest.approx(0.995)
-    assert schedules.moco_momentum(300, 300, 0.99) == pytest.approx(1.0)
-    assert schedules.moco_momentum(150, 300, 0.99, cosine=False) == 0.99
-    t = 37.5
-    assert schedules.moco_momentum(t, 300, 0.99) == pytest.approx(1 - 0.01 * (1 + math.cos(math.pi * t / 300)) / 2)
+@pytest.mark.parametrize("cosine", [True, False])
+def test_momentum_schedule_is_the_papers(cosine):
+    """m_t = 1 - (1 - m0) (1 + cos(pi t / T)) / 2 per iteration (MoCo v3's adjust_moco_momentum), or constant."""
+    cfg = configured("mocov3", "moco.momentum=0.99", f"moco.momentum_cosine={str(cosine).lower()}")
+    momentum = method_class("mocov3").schedules(cfg, 300)["momentum"]
+    t = np.arange(300)
+    expected = 1 - 0.01 * (1 + np.cos(np.pi * t / 300)) / 2 if cosine else np.full(300, 0.99)
+    np.testing.assert_allclose(momentum, expected, rtol=1e-15)  # fp64 both, the same formula
+    assert momentum[0] == pytest.approx(0.99) and momentum[150] == pytest.approx(0.995 if cosine else 0.99)
 
 
 def make_params():
@@ -115,16 +136,18 @@ def test_bf16_parameters_keep_fp32_state(optimizer):
 def test_build_optimizer_decays_only_the_groups_that_say_so(name, kind):
     model = nn.Sequential(nn.Linear(3, 4), nn.Linear(4, 2))
     groups = [
-        {"params": [model[0].weight, model[1].weight], "decay": True},
-        {"params": [model[1].bias], "decay": False},
+        {"params": [model[0].weight, model[1].weight], "lr_scale": 1.0, "wd_scale": 1.0},
+        {"params": [model[1].bias], "lr_scale": 0.5, "wd_scale": 0.0},
     ]
-    opt = build_optimizer(OptimConfig(name=name, weight_decay=0.3), groups + [{"params": [], "decay": True}])
+    opt = build_optimizer(
+        OptimConfig(name=name, weight_decay=0.3), groups + [{"params": [], "lr_scale": 1.0, "wd_scale": 1.0}]
+    )
     assert isinstance(opt, kind)
     assert [g["weight_decay"] for g in opt.param_groups] == [0.3, 0.0]  # the empty group is dropped
     assert [p for g in opt.param_groups for p in g["params"]] == [model[0].weight, model[1].weight, model[1].bias]
     assert opt.param_groups[0]["lr"] == 0.0
     set_hyperparameters(opt, Hyperparameters(lr=0.5, weight_decay=0.05, momentum=1.0))
-    assert [(g["lr"], g["weight_decay"]) for g in opt.param_groups] == [(0.5, 0.05), (0.5, 0.0)]
+    assert [(g["lr"], g["weight_decay"]) for g in opt.param_groups] == [(0.5, 0.05), (0.25, 0.0)]
 
 
 def official_cosine_scheduler(base, final, epochs, niter_per_ep, warmup_epochs):
@@ -145,12 +168,12 @@ def official_moco_lr(base, epoch, warmup_epochs, epochs):
 @pytest.mark.parametrize("method", ["mocov3", "sit", "beit"])
 def test_each_method_has_its_official_learning_rate_schedule_index_by_index(method):
     """SiT and BEiT reach the peak at warm-up iteration W - 1, MoCo v3 at W."""
-    from fastvit_ssl.methods.build import method_class
-
     epochs, warmup, spe, peak, floor = 5, 2, 7, 0.3, 1e-3
-    cfg = OptimConfig(epochs=epochs, warmup_epochs=warmup, min_lr=0.0 if method == "mocov3" else floor)
+    floor = 0.0 if method == "mocov3" else floor
+    limits = (f"optim.epochs={epochs}", f"optim.warmup_epochs={warmup}", f"optim.min_lr={floor}")
+    cfg = configured(method, *limits, f"optim.base_lr={peak}", "data.batch_size=256")  # peak lr = base_lr
     kind = method_class(method).lr_warmup
-    ours = [schedules.hyperparameters(cfg, i / spe, peak, 0.99, 1.0, kind, spe).lr for i in range(epochs * spe)]
+    ours = list(schedules.Schedules(cfg, method_class(method), spe).lr)
     if method == "mocov3":
         theirs = [official_moco_lr(peak, i / spe, warmup, epochs) for i in range(epochs * spe)]
     else:

@@ -1,9 +1,10 @@
 """Stopping early without losing work, and run folders that are never clobbered.
 
-The fault matrix: a signal at some step (sent by the process to itself through FASTVIT_SSL_SIGNAL_AT, as a launcher
-or scheduler would) x {Pillow, DALI ImageFolder, DALI webdataset} x {one process, torchrun with 2 ranks, the
-deepspeed launcher with ZeRO-2 on gloo}: the run saves, says how to continue and exits 3; the same command then
-finishes it with the per-step losses of an uninterrupted run (DeepSpeed: every step once, finite), no metric row lost.
+The fault matrix: a signal at some step (sent by the process to itself, as a launcher or scheduler would, through
+tests/faulty_train.py: FAULT_SIGNAL_AT) x {Pillow, DALI ImageFolder, DALI webdataset} x {one process, torchrun with
+2 ranks, the deepspeed launcher with ZeRO-2 on gloo}: the run saves, says how to continue and exits 3; the same
+command then finishes it with the per-step losses of an uninterrupted run (DeepSpeed: every step once, finite), no
+metric row lost.
 """
 
 import json
@@ -50,13 +51,14 @@ def launch(launcher: str, overrides: list[str], cwd: Path, signal_at: str = "") 
         "torchrun": TORCHRUN_2,
         "deepspeed": deepspeed_launcher_2(),
     }[launcher]
-    env = {**ENV_1_THREAD, "FASTVIT_SSL_SIGNAL_AT": signal_at}
+    env = {**ENV_1_THREAD, "FAULT_SIGNAL_AT": signal_at}
+    script = REPO / "tests" / "faulty_train.py"
     return subprocess.run(
-        [*prefix, str(REPO / "train.py"), *overrides], capture_output=True, text=True, cwd=cwd, env=env, timeout=600
+        [*prefix, str(script), *overrides], capture_output=True, text=True, cwd=cwd, env=env, timeout=600
     )
 
 
-MATRIX = [  # pipeline, launcher, signal "rank:engine call:name"
+MATRIX = [  # pipeline, launcher, signal "rank:step:name"
     ("torch", "local", "0:5:SIGTERM"),
     ("dali", "local", "0:5:SIGTERM"),
     ("webdataset", "local", "0:4:SIGINT"),
@@ -149,6 +151,21 @@ def test_a_resume_with_other_settings_names_them_and_writes_nothing(tiny_overrid
     with pytest.raises(DataError):
         train.main([*tiny_overrides, *EVAL_OFF, "data.root=/nonexistent/folder", "run.name=tiny"])
     assert {p.name: p.read_bytes() for p in run_dir.iterdir() if p.is_file()} == before  # untouched
+
+
+def test_a_resume_may_change_how_the_model_runs_not_what_it_is(tiny_overrides):
+    """specs.MODEL_KEYS: what defines the model; activation checkpointing, the attention kernel and compilation may
+    change between starts (e.g. checkpointing turned on after an out-of-memory error)."""
+    train.main([*tiny_overrides, *EVAL_OFF, "run.stop_at_step=2"])
+    with pytest.raises(IncompatibleCheckpoint, match="model.num_heads: checkpoint 3, this run 1"):
+        train.main([*tiny_overrides, *EVAL_OFF, "model.num_heads=1"])
+    how = ["model.grad_checkpointing=true", "model.attention=math", "model.compile=true"]
+    assert train.main([*tiny_overrides, *EVAL_OFF, "run.stop_at_step=3", *how])["steps"] == 3
+    summary = train.main([*tiny_overrides, *EVAL_OFF])
+    starts = [
+        json.loads(line)["step"] for line in (Path(summary["run_dir"]) / "run_info.jsonl").read_text().splitlines()
+    ]
+    assert starts == [0, 2, 3] and summary["steps"] > 3
 
 
 def test_a_resume_records_its_start_and_keeps_the_first_config(tiny_overrides):

@@ -1,5 +1,5 @@
 """Reliability with real processes and real signals: kill -9 at any moment and resume exactly, the non-finite step
-guard (NaN injected through FASTVIT_SSL_NAN_ITERATIONS), a dying rank, the stability monitor, bad input on the
+guard (NaN injected from outside the engines: tests/faults.py), a dying rank, the stability monitor, bad input on the
 command line."""
 
 import json
@@ -11,6 +11,7 @@ import sys
 import time
 from pathlib import Path
 
+import faults
 import pytest
 import torch
 
@@ -21,6 +22,7 @@ from fastvit_ssl.monitor import Monitor, read_metrics
 from launch import ENV_1_THREAD, TORCHRUN_2
 
 REPO = Path(__file__).resolve().parents[1]
+FAULTY_TRAIN = REPO / "tests" / "faulty_train.py"  # train.py with the faults of the environment
 
 
 def losses(run_dir: Path) -> dict[int, float]:
@@ -68,7 +70,7 @@ def test_kill_9_at_any_moment_then_the_same_command_resumes_exactly(tiny_overrid
 
 
 def test_an_isolated_non_finite_step_is_skipped(tiny_overrides, monkeypatch):
-    monkeypatch.setenv("FASTVIT_SSL_NAN_ITERATIONS", "3")
+    faults.install(nan_at={3}, patch=monkeypatch.setattr)
     summary = train.main([*tiny_overrides, "eval.knn_every_epochs=0"])
     assert summary["skipped_steps"] == 1 and summary["rollbacks"] == 0 and summary["steps"] == 6
     rows = {r["step"]: r for r in read_metrics(Path(summary["run_dir"]) / "metrics.jsonl") if "loss" in r}
@@ -77,7 +79,7 @@ def test_an_isolated_non_finite_step_is_skipped(tiny_overrides, monkeypatch):
 
 
 def test_consecutive_non_finite_steps_roll_back_with_a_lower_lr(tiny_overrides, monkeypatch, caplog):
-    monkeypatch.setenv("FASTVIT_SSL_NAN_ITERATIONS", "4,5")
+    faults.install(nan_at={4, 5}, patch=monkeypatch.setattr)
     summary = train.main([*tiny_overrides, "run.max_bad_steps=2", "run.ckpt_every=2", "eval.knn_every_epochs=0"])
     assert summary["rollbacks"] == 1 and summary["skipped_steps"] == 2 and summary["steps"] == 6
     assert "rolled back to" in caplog.text and "(step 4)" in caplog.text  # its newest checkpoint
@@ -91,15 +93,15 @@ def test_consecutive_non_finite_steps_roll_back_with_a_lower_lr(tiny_overrides, 
 
 
 def test_policy_stop_ends_the_run_with_a_message(tiny_overrides, monkeypatch, tmp_path):
-    monkeypatch.setenv("FASTVIT_SSL_NAN_ITERATIONS", "2,3,4")
+    faults.install(nan_at={2, 3, 4}, patch=monkeypatch.setattr)
     with pytest.raises(TrainingDiverged, match="3 non-finite steps in a row at step 4"):
         train.main([*tiny_overrides, "run.on_nonfinite=stop", "run.ckpt_every=1"])
     result = subprocess.run(
-        command([*tiny_overrides, "run.on_nonfinite=stop", "run.name=cli"]),
+        [sys.executable, str(FAULTY_TRAIN), *tiny_overrides, "run.on_nonfinite=stop", "run.name=cli"],
         capture_output=True,
         text=True,
         cwd=tmp_path,
-        env={**os.environ, "FASTVIT_SSL_NAN_ITERATIONS": "1,2,3"},
+        env={**os.environ, "FAULT_NAN_AT": "1,2,3"},
         timeout=300,
     )
     assert result.returncode == 2 and "error: 3 non-finite steps in a row" in result.stderr
@@ -111,7 +113,7 @@ def test_a_dying_rank_ends_the_run_and_is_named(tiny_overrides, tmp_path):
     result = subprocess.run(
         [
             *TORCHRUN_2,
-            str(REPO / "train.py"),
+            str(FAULTY_TRAIN),
             *tiny_overrides,
             "engine.timeout_s=60",
         ],
@@ -119,7 +121,7 @@ def test_a_dying_rank_ends_the_run_and_is_named(tiny_overrides, tmp_path):
         text=True,
         cwd=tmp_path,
         timeout=300,
-        env={**os.environ, "OMP_NUM_THREADS": "1", "FASTVIT_SSL_DIE_AT": "1:3"},
+        env={**os.environ, "OMP_NUM_THREADS": "1", "FAULT_DIE_AT": "1:3"},
     )
     assert result.returncode != 0 and time.perf_counter() - started < 120
     output = result.stdout + result.stderr

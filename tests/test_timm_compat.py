@@ -26,7 +26,7 @@ def test_timm_builds_and_loads_the_export_strictly_with_the_same_features(arch, 
 @pytest.mark.parametrize("rel_pos_bias, pool", [("shared", "token"), ("per_block", "avg")])
 def test_timm_beit_builds_and_loads_a_beit_export_with_the_same_features(rel_pos_bias, pool):
     torch.manual_seed(0)
-    beit = dict(pos_embed="none", init="beit", rel_pos_bias=rel_pos_bias, layer_scale=0.1, qkv_bias="qv")
+    beit = dict(pos_embed="none", init="depth_scaled", rel_pos_bias=rel_pos_bias, layer_scale=0.1, qkv_bias="qv")
     ours = VisionTransformer("vit_demo", 28, global_pool=pool, **beit).eval()
     spec = export.timm_spec(ours)
     theirs = timm.create_model(spec["timm_model"], pretrained=False, **spec["timm_kwargs"]).eval()

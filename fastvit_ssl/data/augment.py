@@ -1,9 +1,9 @@
-"""The augmentation recipes, one source of truth for every pipeline.
+"""What a view is (ViewAugment: every pipeline, Pillow and DALI, makes the same from it) and the shared two-view
+recipe; a method's own views are made in its file (Method.views).
 
-MoCo v3 (and SiT), two views (BYOL's asymmetric pair):
+MoCo v3's (and SiT's) two views, BYOL's asymmetric pair:
     view 1: random resized crop, flip, colour jitter (0.4, 0.4, 0.2, 0.1) p=0.8, grayscale p=0.2, blur p=1.0;
     view 2: the same, but blur p=0.1 and solarize p=0.2.
-BEiT, one view: colour jitter (0.4, 0.4, 0.4) always, flip, random resized crop (bicubic).
 """
 
 from __future__ import annotations
@@ -58,20 +58,6 @@ def moco_v3_views(
         ViewAugment(size, min_scale, blur_prob=0.1, solarize_prob=0.2, uint8=uint8, interpolation=interpolation),
     ]
     return [kinds[i % 2] for i in range(num_views)]
-
-
-def beit_views(size: int, min_scale: float = 0.08, uint8: bool = False) -> list[ViewAugment]:
-    """BEiT's single view (its tokenizer's input is made from the same view on the device)."""
-    jitter = dict(jitter_prob=1.0, brightness=0.4, contrast=0.4, saturation=0.4, hue=0.0)
-    blank = dict(grayscale_prob=0.0, blur_prob=0.0, solarize_prob=0.0)
-    return [ViewAugment(size, min_scale, **jitter, **blank, uint8=uint8, interpolation="bicubic")]
-
-
-def recipe_views(method: str, size: int, min_scale: float, uint8: bool, interpolation: str) -> list[ViewAugment]:
-    """The views a method trains on."""
-    if method == "beit":
-        return beit_views(size, min_scale, uint8)
-    return moco_v3_views(size, min_scale, uint8=uint8, interpolation=interpolation)
 
 
 def sample_crop(width: int, height: int, view: ViewAugment, rng: random.Random) -> tuple[int, int, int, int]:

@@ -9,7 +9,7 @@ from torch.utils.data import DataLoader
 
 from fastvit_ssl import distributed
 from fastvit_ssl.config import Config
-from fastvit_ssl.data.augment import recipe_views
+from fastvit_ssl.data.augment import ViewAugment
 from fastvit_ssl.data.dali import DaliViewLoader, dali_available
 from fastvit_ssl.data.demo import build_demo_dataset
 from fastvit_ssl.data.folder import DataError, scan_image_folder
@@ -33,12 +33,10 @@ def resolve_root(cfg: Config) -> Path:
     return root
 
 
-def build_train_data(cfg: Config, root: Path, device: torch.device):
+def build_train_data(cfg: Config, root: Path, device: torch.device, views: list[ViewAugment]):
     """(loader of this rank's share of every global batch, the [(path, label)] of root/train, class names): Pillow +
-    torch or DALI, ImageFolder tree or webdataset shards (root/train/*.tar, DALI only; no samples, no classes)."""
-    views = recipe_views(
-        cfg.method.name, cfg.model.img_size, cfg.data.min_scale, cfg.data.uint8_views, cfg.data.interpolation
-    )
+    torch or DALI, ImageFolder tree or webdataset shards (root/train/*.tar, DALI only; no samples, no classes), each
+    image made into `views` (the method's: Method.views)."""
     tars = sorted(str(p) for p in (root / "train").glob("*.tar"))
     use_dali = cfg.data.backend == "dali" or (cfg.data.backend == "auto" and dali_available())
     if use_dali and not dali_available():

@@ -21,12 +21,13 @@ import logging
 import shutil
 from collections import defaultdict
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch.utils._pytree import tree_map
 
 from fastvit_ssl import checkpoint, distributed
-from fastvit_ssl.config import Config, to_deepspeed
+from fastvit_ssl.config import Config
 from fastvit_ssl.engine.local import layer_groups
 from fastvit_ssl.kernels.dispatch import Ops
 from fastvit_ssl.methods.base import Method, no_mark
@@ -62,7 +63,7 @@ class DeepSpeedEngine:
             client_optimizer.partition_like_zero(zero_layout(self.optimizer, params), len(params))
         self.mark = no_mark  # the phase hook (methods/base.py); the benchmarks set theirs
 
-    def step(self, views: list[torch.Tensor], step: int, hparams: Hyperparameters, poison: bool = False):
+    def step(self, views: list[torch.Tensor], step: int, hparams: Hyperparameters):
         """Training iteration `step` on this rank's share of the global batch: (detached metrics, finite). A
         non-finite loss skips backward and update; a non-finite gradient makes ZeRO skip the update itself
         (bf16.check_grad_overflow, set explicitly) and report an infinite norm, which counts as a non-finite step;
@@ -73,10 +74,8 @@ class DeepSpeedEngine:
         set_hyperparameters(self.optimizer, hparams)
         buffers = [b.clone() for b in self.model.buffers()]  # BN running statistics: small
         self.mark("data")
-        losses = self.model.step_losses(
-            views, step, hparams.momentum, self.forward_online, self.update_ema, mark=self.mark
-        )
-        loss = losses["loss"] * float("nan") if poison else losses["loss"]
+        losses = self.model.step_losses(views, step, hparams, self.forward_online, self.update_ema, mark=self.mark)
+        loss = losses["loss"]
         finite = bool(distributed.all_reduce_mean(torch.isfinite(loss).float()) == 1)  # every rank decides alike
         layer_norms = {}
         if finite:
@@ -188,10 +187,43 @@ def zero_layout(zero_optimizer, params: list[torch.Tensor]) -> dict[int, list[Fr
 
 
 def _by_block(model: Method):
-    """(name, base, momentum) EMA pairs grouped by transformer block (and one group for everything else)."""
+    """(name, base, momentum) EMA pairs grouped by transformer block (`...blocks.<i>.`; one group for the rest)."""
     groups = defaultdict(list)
     names = {id(p): n for n, p in model.named_parameters()}
     for base, mom in model.ema_pairs():
         parts = names[id(base)].split(".")
-        groups[".".join(parts[:4]) if "blocks" in parts else "rest"].append((names[id(base)], base, mom))
+        block = ".".join(parts[: parts.index("blocks") + 2]) if "blocks" in parts else "rest"
+        groups[block].append((names[id(base)], base, mom))
     return list(groups.values())
+
+
+def to_deepspeed(cfg: Config, world_size: int) -> dict[str, Any]:
+    """The DeepSpeed JSON config, generated from ours (never kept as a second, hand-edited copy).
+
+    No gradient accumulation: a contrastive method's negatives are the keys of one forward pass, so accumulating
+    micro-batches would train with fewer negatives than the batch size says; the global batch is one step over all
+    ranks.
+    """
+    ds = {
+        "train_batch_size": cfg.data.batch_size,
+        "train_micro_batch_size_per_gpu": cfg.data.batch_size // world_size,
+        "gradient_accumulation_steps": 1,
+        # ZeRO skips an update whose gradients are not finite; explicit, the engine reports it to the NaN guard
+        "bf16": {"enabled": cfg.run.precision == "bf16", "check_grad_overflow": True},
+        # dynamic loss scaling as torch's GradScaler: from 2^16, halved at each overflow, doubled after 2,000 clean
+        # steps
+        "fp16": {
+            "enabled": cfg.run.precision == "fp16",
+            "loss_scale": 0,
+            "initial_scale_power": 16,
+            "loss_scale_window": 2000,
+            "hysteresis": 1,
+            "min_loss_scale": 1,
+        },
+        "zero_optimization": {"stage": cfg.engine.zero_stage},
+        "gradient_clipping": cfg.optim.clip_grad,  # always explicit: DeepSpeed's default (1.0) would clip silently
+        "zero_allow_untested_optimizer": True,  # LARS/LAMB: ZeRO-correct through optim/trust_ratio.py
+        "steps_per_print": 2**31 - 1,  # our monitor prints
+        "wall_clock_breakdown": False,
+    }
+    return ds

@@ -52,17 +52,16 @@ class LocalEngine:
         self.overflows = 0  # fp16 steps skipped by the loss scaler
         self.mark = no_mark  # the phase hook (methods/base.py); the benchmarks set theirs
 
-    def step(self, views: list[torch.Tensor], step: int, hparams: Hyperparameters, poison: bool = False):
+    def step(self, views: list[torch.Tensor], step: int, hparams: Hyperparameters):
         """Training iteration `step` on this rank's share of the global batch: (detached metrics, finite). A step
-        whose loss or gradient is not finite changes nothing: no update, BN statistics restored. `poison` makes the
-        loss NaN (a test hook)."""
+        whose loss or gradient is not finite changes nothing: no update, BN statistics restored."""
         views = [v.to(self.device, non_blocking=True) for v in views]
         set_hyperparameters(self.optimizer, hparams)
         buffers = [b.clone() for b in self.model.buffers()]  # BN running statistics: small
         self.mark("data")
         with self.autocast:
-            losses = self.model.step_losses(views, step, hparams.momentum, online=self.online, mark=self.mark)
-        loss = losses["loss"] * float("nan") if poison else losses["loss"]
+            losses = self.model.step_losses(views, step, hparams, online=self.online, mark=self.mark)
+        loss = losses["loss"]
         (loss if self.scaler is None else self.scaler.scale(loss)).backward()
         self.mark("backward")
         if self.scaler is not None:
@@ -127,8 +126,8 @@ def clip_gradients(grads: list[torch.Tensor], norms: torch.Tensor, max_norm: flo
 
 def layer_groups(method: Method) -> dict[str, list[torch.nn.Parameter]]:
     """The trained parameters by layer: the first layer (the patch projection when it trains, else block 0), every
-    block, the rest of the backbone and each head: the paper's instability shows as spikes in the first layer's
-    gradient."""
+    block, the rest of the backbone and each head (by its module's name): MoCo v3's instability shows as spikes in
+    the first layer's gradient."""
     backbone = {id(p): name.split(".") for name, p in method.backbone.named_parameters()}
     groups: dict[str, list[torch.nn.Parameter]] = {}
     for name, p in method.online.named_parameters():
@@ -136,7 +135,7 @@ def layer_groups(method: Method) -> dict[str, list[torch.nn.Parameter]]:
             continue
         parts = backbone.get(id(p))
         if parts is None:
-            key = f"grad/{name.split('.')[0].removeprefix('base_')}"
+            key = f"grad/{name.split('.')[0]}"
         elif parts[0] == "blocks":
             key = f"grad/block{int(parts[1]):02d}"
         else:

@@ -2,9 +2,8 @@
 
 Accepted: a local-engine checkpoint (ckpt-*.pt, DDP runs included), a consolidated DeepSpeed checkpoint, a
 DeepSpeed checkpoint folder or run folder (consolidated on the fly), a run folder of the local engine (its newest
-checkpoint), or an official MoCo v3 checkpoint (facebookresearch/moco-v3, see official.py). The encoder's weights
-are the keys under the method's backbone (`online.base_encoder.` for MoCo v3, `online.encoder.` for SiT and BEiT;
-older `module.` prefixes stripped).
+checkpoint), or a checkpoint of a method's official code (Method.is_official: e.g. MoCo v3's). The encoder's weights
+are the keys under the method's backbone (Method.backbone_name; older `module.` prefixes stripped).
 """
 
 from __future__ import annotations
@@ -18,8 +17,7 @@ import torch
 from fastvit_ssl import checkpoint
 from fastvit_ssl.checkpoint import CheckpointError
 from fastvit_ssl.config import Config, from_dict
-from fastvit_ssl.eval.official import from_official, is_official
-from fastvit_ssl.methods.build import method_class
+from fastvit_ssl.methods.base import METHODS, method_class
 from fastvit_ssl.models.build import build_encoder
 from fastvit_ssl.models.vit import VisionTransformer
 
@@ -51,10 +49,11 @@ def read_checkpoint(path: Path) -> dict:
             )
         path = found[-1]
     state = checkpoint.load(path)
-    return from_official(state, str(path)) if is_official(state) else state
+    official = [m for m in METHODS.values() if m.is_official(state)]  # a checkpoint of a method's official code
+    return official[0].from_official(state, str(path)) if official else state
 
 
-def encoder_state(model_state: dict[str, torch.Tensor], method: str = "mocov3") -> dict[str, torch.Tensor]:
+def encoder_state(model_state: dict[str, torch.Tensor], method: str) -> dict[str, torch.Tensor]:
     """The backbone's tensors with their ViT names, out of the state of a `method` model."""
     prefix = method_class(method).backbone_name + "."
     out = {}

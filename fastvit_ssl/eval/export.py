@@ -1,6 +1,8 @@
-"""Export the pre-trained encoder for timm, and read timm/DeiT weights back for fine-tuning.
+"""Export the pre-trained encoder for timm (or a checkpoint for a method's official scripts), and read timm/DeiT
+weights back for fine-tuning.
 
     python -m fastvit_ssl.eval.export --checkpoint runs/vit_small-imagenet --out vit_small_mocov3.safetensors
+    python -m fastvit_ssl.eval.export --format official --checkpoint runs/vit_small-imagenet --out moco.pth.tar
 
 writes the base encoder alone (no heads, no momentum encoder, no `module.`/`online.` prefixes) in timm's
 VisionTransformer key layout, and FILE.json with the timm model name and the constructor arguments that rebuild
@@ -27,9 +29,11 @@ from pathlib import Path
 import torch
 
 from fastvit_ssl.checkpoint import CheckpointError
-from fastvit_ssl.eval.encoder import load_encoder, load_weights
+from fastvit_ssl.eval.encoder import load_encoder, load_weights, read_checkpoint
 from fastvit_ssl.eval.report import print_result
-from fastvit_ssl.models.vit import ARCH_SPECS, VisionTransformer
+from fastvit_ssl.methods.base import method_class
+from fastvit_ssl.models.vit import VisionTransformer
+from fastvit_ssl.specs import ARCH_SPECS
 
 TIMM_NAMES = {
     "vit_tiny": "vit_tiny_patch16_224",
@@ -133,9 +137,20 @@ def export(checkpoint: Path, out: Path) -> Path:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--checkpoint", type=Path, required=True, help="checkpoint, run or DeepSpeed folder")
-    parser.add_argument("--out", type=Path, required=True, help="FILE.safetensors (FILE.json is written beside)")
+    parser.add_argument(
+        "--out", type=Path, required=True, help="FILE.safetensors (FILE.json beside); official: FILE.pth.tar"
+    )
+    parser.add_argument(
+        "--format", choices=["timm", "official"], default="timm", help="official: the method's official code's layout"
+    )
     args = parser.parse_args(argv)
     started = time.perf_counter()
+    if args.format == "official":
+        state = read_checkpoint(args.checkpoint)
+        method = method_class(state["config"]["method"]["name"])
+        torch.save(method.to_official(state, str(args.checkpoint)), args.out)
+        print_result({"weights": str(args.out), "format": f"official {method.name}"}, started)
+        return 0
     out = export(args.checkpoint, args.out)
     spec = json.loads(out.with_suffix(".json").read_text())
     print_result({"weights": str(out), "spec": str(out.with_suffix(".json")), **spec}, started)

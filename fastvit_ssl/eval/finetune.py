@@ -34,6 +34,7 @@ from fastvit_ssl.eval.encoder import load_encoder, random_encoder
 from fastvit_ssl.eval.export import from_timm_state_dict
 from fastvit_ssl.eval.linear import topk_accuracy
 from fastvit_ssl.eval.report import print_result
+from fastvit_ssl.methods.base import method_class
 from fastvit_ssl.models.build import build_encoder
 from fastvit_ssl.models.heads import trunc_normal_linears_
 from fastvit_ssl.models.vit import VisionTransformer
@@ -133,11 +134,9 @@ def param_groups(model: Classifier, recipe: Recipe, lr: float) -> list[dict]:
 
 
 def finetuning_layout(cfg) -> dict:
-    """How a pre-trained encoder is rebuilt for fine-tuning: BEiT's recipe gives every block its own relative
-    position bias (each starts from the shared one), mean pooling and its norm, and drops the [MASK] token."""
-    if cfg.method.name == "beit":
-        return {"rel_pos_bias": "per_block", "global_pool": "avg", "mask_token": False}
-    return {}
+    """How a pre-trained encoder is rebuilt for fine-tuning: its method says (Method.finetuning_layout; e.g. BEiT
+    gives every block its own relative position bias, mean pooling and its norm, no [MASK] token)."""
+    return method_class(cfg.method.name).finetuning_layout(cfg)
 
 
 def mix(images: torch.Tensor, targets: torch.Tensor, recipe: Recipe, rng: np.random.Generator):
@@ -230,7 +229,7 @@ def main(argv: list[str] | None = None) -> dict:
     )
     for field, default in vars(Recipe()).items():
         if field == "layer_decay":  # its default depends on the checkpoint's method
-            parser.add_argument("--layer-decay", type=float, help="default: 0.75 (MAE); BEiT checkpoints 0.65")
+            parser.add_argument("--layer-decay", type=float, help="default: the method's (0.75, MAE's; BEiT: 0.65)")
         else:
             parser.add_argument(f"--{field.replace('_', '-')}", type=type(default), default=default)
     args = parser.parse_args(argv)
@@ -241,16 +240,17 @@ def main(argv: list[str] | None = None) -> dict:
         from safetensors.torch import load_file
 
         cfg = load(None, [f"model.arch={args.arch}", f"model.img_size={args.img_size}"])
-        encoder = build_encoder(cfg, **trainable)
+        encoder = build_encoder(cfg, None, **trainable)
         from_timm_state_dict(encoder, load_file(str(args.timm_weights)), str(args.timm_weights))
     else:
         encoder, cfg = load_encoder(args.checkpoint, finetuning_layout, args.pretrained_norm, **trainable)
+    method = method_class(cfg.method.name)
     if args.layer_decay is None:
-        recipe.layer_decay = 0.65 if cfg.method.name == "beit" else Recipe.layer_decay
+        recipe.layer_decay = method.finetune_layer_decay
     if args.random_init:
         encoder = random_encoder(cfg, **trainable, **finetuning_layout(cfg))
     if recipe.pool == "auto":
-        recipe.pool = "cls+mean" if cfg.method.name == "sit" else "cls"
+        recipe.pool = method.finetune_pool
     if recipe.pool not in ("cls", "cls+mean"):
         raise ConfigError(f"--pool {recipe.pool!r} must be auto, cls or cls+mean")
     root = labelled_root(args.data or resolve_root(cfg))

@@ -1,12 +1,13 @@
 """Linear probe of the frozen encoder's features, by one of two published protocols:
 
-    python -m fastvit_ssl.eval.linear --checkpoint runs/demo [--protocol mocov3|mae] [--data ROOT] [--random-init]
+    python -m fastvit_ssl.eval.linear --checkpoint runs/demo [--protocol sgd|lars_bn] [--data ROOT] [--random-init]
 
-- `mocov3` (the default for MoCo v3 checkpoints; comparable with the MoCo v3 paper's linear numbers): the official
-  main_lincls.py, the ViT's Linear head alone (N(0, 0.01) init, zero bias), SGD momentum 0.9, no weight decay,
-  lr 3 x batch / 256 (the official ViT setting), batch 1024, 90 epochs, cosine stepped once per epoch.
-- `mae` (the default for SiT and BEiT checkpoints; comparable with MAE-style probes): BatchNorm without affine
-  parameters in front of the Linear head, LARS, lr 0.1 x batch / 256, batch 16,384, 90 epochs, cosine per step.
+- `sgd` (MoCo v3's official main_lincls.py; comparable with the MoCo v3 paper's linear numbers): the ViT's Linear
+  head alone (N(0, 0.01) init, zero bias), SGD momentum 0.9, no weight decay, lr 3 x batch / 256 (the official ViT
+  setting), batch 1024, 90 epochs, cosine stepped once per epoch.
+- `lars_bn` (MAE's main_linprobe.py; comparable with MAE-style probes): BatchNorm without affine parameters in
+  front of the Linear head, LARS, lr 0.1 x batch / 256, batch 16,384, 90 epochs, cosine per step.
+The default is the checkpoint's method's (Method.probe_protocol).
 
 Both train on features extracted once from centre crops and cached (on a CPU this is what makes 90 epochs
 affordable; the official scripts re-augment every epoch with random resized crops and flips, which mostly matters
@@ -28,6 +29,7 @@ from fastvit_ssl.data.folder import labelled_root, scan_image_folder
 from fastvit_ssl.eval.encoder import load_encoder, random_encoder
 from fastvit_ssl.eval.knn import extract_features
 from fastvit_ssl.eval.report import print_result
+from fastvit_ssl.methods.base import method_class
 from fastvit_ssl.optim.lars import LARS
 
 
@@ -37,17 +39,19 @@ def topk_accuracy(scores: torch.Tensor, labels: torch.Tensor, ks=(1, 5)) -> list
 
 
 PROTOCOLS = {
-    "mocov3": dict(epochs=90, batch=1024, base_lr=3.0),
-    "mae": dict(epochs=90, batch=16384, base_lr=0.1),
+    "sgd": dict(epochs=90, batch=1024, base_lr=3.0),
+    "lars_bn": dict(epochs=90, batch=16384, base_lr=0.1),
 }
+FORMER_NAMES = {"mocov3": "sgd", "mae": "lars_bn"}  # --protocol's names before 2026-12-04
 
 
 def make_head(dim: int, num_classes: int, protocol: str) -> nn.Module:
-    """Linear(dim, classes), N(0, 0.01) weights and zero bias; `mae` puts BN without affine parameters before it."""
+    """Linear(dim, classes), N(0, 0.01) weights and zero bias; `lars_bn` puts BN without affine parameters before
+    it."""
     linear = nn.Linear(dim, num_classes)
     nn.init.normal_(linear.weight, std=0.01)
     nn.init.zeros_(linear.bias)
-    if protocol == "mocov3":
+    if protocol == "sgd":
         return linear
     return nn.Sequential(nn.BatchNorm1d(dim, affine=False, eps=1e-6), linear)
 
@@ -58,7 +62,7 @@ def train_head(
     val_f,
     val_y,
     num_classes: int,
-    protocol: str = "mocov3",
+    protocol: str = "sgd",
     epochs: int | None = None,
     batch: int | None = None,
     base_lr: float | None = None,
@@ -73,7 +77,7 @@ def train_head(
     lr = base_lr * batch / 256
     opt = (
         torch.optim.SGD(head.parameters(), lr=lr, momentum=0.9, weight_decay=0.0)
-        if protocol == "mocov3"
+        if protocol == "sgd"
         else LARS(head.parameters(), lr=lr, momentum=0.9)
     )
     steps_per_epoch = max(1, len(train_f) // batch)
@@ -84,7 +88,7 @@ def train_head(
             order = torch.randperm(len(train_f), generator=generator)
         idx = order[(step % steps_per_epoch) * batch :][:batch]
         # cosine per epoch (main_lincls.py's adjust_learning_rate) or per step (MAE)
-        progress = (step // steps_per_epoch) / epochs if protocol == "mocov3" else step / total
+        progress = (step // steps_per_epoch) / epochs if protocol == "sgd" else step / total
         for group in opt.param_groups:
             group["lr"] = lr * 0.5 * (1 + math.cos(math.pi * progress))
         loss = nn.functional.cross_entropy(head(train_f[idx]), train_y[idx])
@@ -106,15 +110,18 @@ def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--checkpoint", type=Path, required=True, help="checkpoint, run or DeepSpeed folder")
     parser.add_argument("--data", type=Path, help="folder with train/ and val/ (default: the run's data)")
-    parser.add_argument("--protocol", choices=["auto", *PROTOCOLS], default="auto", help="auto: mocov3 for MoCo v3")
+    parser.add_argument(
+        "--protocol", choices=["auto", *PROTOCOLS, *FORMER_NAMES], default="auto", help="auto: the method's"
+    )
     parser.add_argument("--epochs", type=int, help="default: the protocol's (90)")
-    parser.add_argument("--batch", type=int, help="default: the protocol's (1024 mocov3, 16384 mae)")
-    parser.add_argument("--base-lr", type=float, help="default: the protocol's (3.0 mocov3, 0.1 mae)")
+    parser.add_argument("--batch", type=int, help="default: the protocol's (1024 sgd, 16384 lars_bn)")
+    parser.add_argument("--base-lr", type=float, help="default: the protocol's (3.0 sgd, 0.1 lars_bn)")
     parser.add_argument("--random-init", action="store_true", help="probe a randomly initialised encoder instead")
     args = parser.parse_args(argv)
     started = time.perf_counter()
     encoder, cfg = load_encoder(args.checkpoint)
-    protocol = args.protocol if args.protocol != "auto" else ("mocov3" if cfg.method.name == "mocov3" else "mae")
+    protocol = FORMER_NAMES.get(args.protocol, args.protocol)
+    protocol = protocol if protocol != "auto" else method_class(cfg.method.name).probe_protocol
     if args.random_init:
         encoder = random_encoder(cfg)
     root = labelled_root(args.data or resolve_root(cfg))

@@ -12,22 +12,46 @@ from __future__ import annotations
 
 import copy
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
+import numpy as np
 import torch
 from torch import nn
 
 from fastvit_ssl import distributed
-from fastvit_ssl.config import Config, SitConfig
+from fastvit_ssl.config import Config, check, check_contrastive_dim
+from fastvit_ssl.data.augment import moco_v3_views
 from fastvit_ssl.data.gmml import Draws, corrupt, generator, replace_from_batch, take_rounds_ref
-from fastvit_ssl.kernels.dispatch import REFERENCE_OPS, Ops
-from fastvit_ssl.methods.base import Method
+from fastvit_ssl.methods.base import Method, cosine, register
 from fastvit_ssl.methods.ema import ema_update_ref_
 from fastvit_ssl.methods.losses import contrastive_across_ranks, contrastive_loss_ref
 from fastvit_ssl.models.build import build_encoder
 from fastvit_ssl.models.heads import ReconstructionHead, sit_contrastive_head
 from fastvit_ssl.models.vit import VisionTransformer, normalize_uint8
-from fastvit_ssl.optim import schedules
+from fastvit_ssl.specs import ARCH_SPECS, encoder_flops
+
+
+@dataclass
+class SitConfig:
+    """The `sit:` section: group-masked model learning + contrastive learning against a momentum teacher."""
+
+    dim: int = 256  # output of the contrastive head
+    mlp_dim: int = 4096  # hidden width of the contrastive head
+    temperature: float = 0.2
+    momentum: float = 0.996  # teacher EMA at the start; rises to 1 on a half-cosine when momentum_cosine
+    momentum_cosine: bool = True
+    recon_weight: float = 1.0  # lambda of the reconstruction loss (the official README uses 5 on small data)
+    corrupt_fraction: float = 0.5  # each view: random rectangles until at least this fraction is covered
+    corrupt_fill: Literal["zeros", "noise", "self"] = "zeros"  # self: content from elsewhere in the same image
+    max_side: float = 0.3  # rectangle sides from 1 pixel to below this fraction of the image side
+    replace_prob: float = 0.5  # per image, the corruption is instead...
+    replace_fraction: float = 0.3  # ...this fraction replaced by the same regions of another image of the batch
+    drop_path: float = 0.1  # stochastic depth of the student
+    # the reconstruction loss over ranks: global (the masked pixels of the global batch, whatever the number of
+    # ranks) or per_rank (each rank's own mean, averaged over ranks, as the official code with DDP)
+    loss_reduction: Literal["global", "per_rank"] = "global"
 
 
 class Student(nn.Module):
@@ -45,6 +69,7 @@ class Student(nn.Module):
         return self.head(tokens[:, 0]), self.recon_head(tokens[:, 1:])
 
 
+@register
 class SiT(Method):
     """Args:
     encoder: the student's encoder (drop path on); the teacher's is a copy without drop path.
@@ -55,9 +80,14 @@ class SiT(Method):
     take_rounds: GMML's rectangle rounds, take_rounds_ref or its kernel.
     """
 
+    name, section, Config = "sit", "sit", SitConfig
+    model_keys = ("dim", "mlp_dim")
     backbone_name = "online.encoder"
     lr_warmup = "linspace"  # its cosine_scheduler: np.linspace(0, lr, warm-up iterations)
     ema_modules = {"online.encoder": "teacher_encoder", "online.head": "teacher_head"}
+    finetune_pool = "cls+mean"  # SiT's fine-tuning head reads the class token and the mean of the patch tokens
+    recipe = "sit_vit_small.yaml"
+    suite = (("vit_small", 128, 1.5),)
 
     def __init__(
         self,
@@ -76,8 +106,62 @@ class SiT(Method):
             block.drop_path_rate = 0.0
         self.teacher_head = copy.deepcopy(self.online.head).requires_grad_(False)
 
-    def momentum(self, epoch: float, epochs: float) -> float:
-        return schedules.moco_momentum(epoch, epochs, self.cfg.momentum, self.cfg.momentum_cosine)
+    @classmethod
+    def build(cls, cfg: Config, ops) -> SiT:
+        encoder = build_encoder(cfg, ops["patch_embed"], drop_path_rate=cfg.sit.drop_path)
+        return cls(encoder, cfg.sit, cfg.run.seed, ops["contrastive_loss"], ops["ema_update_"], ops["take_rounds"])
+
+    @staticmethod
+    def validate(cfg: Config) -> None:
+        sit, side = cfg.sit, cfg.model.img_size
+        check(
+            [
+                (sit.dim > 0 and sit.mlp_dim > 0, "sit.dim and sit.mlp_dim must be positive"),
+                (sit.temperature > 0, "sit.temperature must be positive (SiT uses 0.2)"),
+                (0 <= sit.momentum <= 1, "sit.momentum must lie in [0, 1] (SiT uses 0.996)"),
+                (sit.recon_weight >= 0, "sit.recon_weight must be >= 0"),
+                (0 < sit.corrupt_fraction < 1, "sit.corrupt_fraction must lie in (0, 1) (SiT uses 0.5)"),
+                (0 <= sit.replace_prob <= 1, "sit.replace_prob must lie in [0, 1]"),
+                (0 < sit.replace_fraction < 1, "sit.replace_fraction must lie in (0, 1) (SiT uses 0.3)"),
+                (0 <= sit.drop_path < 1, "sit.drop_path must lie in [0, 1)"),
+                (
+                    1 < int(side * sit.max_side) < side,
+                    f"sit.max_side={sit.max_side} of a {side}px image must allow rectangles of 1 to "
+                    f"{int(side * sit.max_side) - 1} pixels; use a larger value or model.img_size",
+                ),
+                (cfg.model.global_pool == "token", "SiT reads the class token: use model.global_pool=token"),
+                (
+                    not ARCH_SPECS[cfg.model.arch].conv_stem,
+                    "SiT reconstructs patches: use an arch without the conv stem",
+                ),
+            ]
+        )
+        check_contrastive_dim(cfg, "sit", sit.dim)
+
+    @classmethod
+    def views(cls, cfg: Config) -> list:
+        return moco_v3_views(cfg.model.img_size, cfg.data.min_scale, 2, cfg.data.uint8_views, cfg.data.interpolation)
+
+    @classmethod
+    def schedules(cls, cfg: Config, total_steps: int) -> dict[str, np.ndarray]:
+        """The teacher's momentum: its cosine_scheduler(m, 1), per iteration (or constant)."""
+        m0 = cfg.sit.momentum
+        return {"momentum": cosine(m0, 1.0, total_steps) if cfg.sit.momentum_cosine else np.full(total_steps, m0)}
+
+    @classmethod
+    def benchmark_overrides(cls, arch: str, img_size: int) -> list[str]:
+        return ["sit.dim=128", "sit.mlp_dim=1024"] if arch == "vit_demo" else []
+
+    @classmethod
+    def step_flops(cls, cfg: Config, batch: int, keys: int) -> float:
+        """Both views in one batch: the student (encoder, contrastive head Gc, pixel head R) forward and backward
+        (x3), the teacher (encoder + Gc) forward, the loss's logits both ways."""
+        spec, H, d = ARCH_SPECS[cfg.model.arch], cfg.sit.mlp_dim, cfg.sit.dim
+        T, D, P = (cfg.model.img_size // spec.patch_size) ** 2 + 1, spec.embed_dim, spec.patch_size
+        encoder = encoder_flops(cfg.model.arch, cfg.model.img_size, batch)
+        head = 2 * batch * (D * H + H * H + H * d)
+        pixels = 2 * batch * (T - 1) * (3 * D * D + 3 * D * P * P)
+        return 2 * (3 * (encoder + head + pixels) + encoder + head) + 2 * 3 * 2 * batch * keys * d
 
     def corrupt(self, clean: torch.Tensor, draws: Draws, noise: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
         """One view [B, C, H, W] -> (corrupted, mask [B, H, W]): GMML, then SiT's replacement from the batch."""
@@ -136,8 +220,8 @@ class SiT(Method):
         plain = [p for n, p in trained if n.endswith(".bias") or p.ndim == 1]
         ids = {id(p) for p in plain}
         return [
-            {"params": [p for _, p in trained if id(p) not in ids], "decay": True},
-            {"params": plain, "decay": False},
+            {"params": [p for _, p in trained if id(p) not in ids], "lr_scale": 1.0, "wd_scale": 1.0},
+            {"params": plain, "lr_scale": 1.0, "wd_scale": 0.0},
         ]
 
     @torch.no_grad()
@@ -154,8 +238,3 @@ class SiT(Method):
         rows = {"clean": images, "corrupted": corrupted, "reconstructed": recon}
         plot_grid({k: list(v.cpu()) for k, v in rows.items()}, path, by_rows=True)
         return True
-
-
-def build_sit(cfg: Config, ops: Ops = REFERENCE_OPS) -> SiT:
-    encoder = build_encoder(cfg, ops, drop_path_rate=cfg.sit.drop_path)
-    return SiT(encoder, cfg.sit, cfg.run.seed, ops.contrastive_loss, ops.ema_update_, ops.take_rounds)

@@ -23,18 +23,8 @@ import torch
 import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-BACKENDS = (
-    "auto",
-    "flash",
-    "efficient",
-    "cudnn",
-    "math",
-    "flex",
-    "explicit",
-    "flash_attn2",
-    "flash_attn3",
-    "flash_attn4",
-)
+from fastvit_ssl.specs import ATTENTION_KERNELS as BACKENDS
+
 SDPA = {
     "flash": SDPBackend.FLASH_ATTENTION,
     "efficient": SDPBackend.EFFICIENT_ATTENTION,

@@ -10,7 +10,6 @@ import functools
 import logging
 import math
 from collections.abc import Callable
-from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -19,30 +18,9 @@ from torch import nn
 
 from fastvit_ssl.data.augment import IMAGENET_MEAN, IMAGENET_STD, imagenet_stats
 from fastvit_ssl.models.attention import attention_fn
+from fastvit_ssl.specs import ARCH_SPECS, ArchSpec  # noqa: F401  (ArchSpec: tests add sizes)
 
 log = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True)
-class ArchSpec:
-    embed_dim: int
-    depth: int
-    num_heads: int
-    patch_size: int
-    conv_stem: bool = False  # Xiao et al. 2021: 3x3 stride-2 convs instead of the patch projection
-
-
-ARCH_SPECS = {
-    "vit_demo": ArchSpec(embed_dim=192, depth=4, num_heads=3, patch_size=7),  # CPU demo: 28x28 digits, 4x4 patches
-    "vit_tiny": ArchSpec(embed_dim=192, depth=12, num_heads=3, patch_size=16),
-    "vit_small": ArchSpec(embed_dim=384, depth=12, num_heads=12, patch_size=16),  # MoCo v3 uses 12 heads
-    "vit_base": ArchSpec(embed_dim=768, depth=12, num_heads=12, patch_size=16),
-    "vit_large": ArchSpec(embed_dim=1024, depth=24, num_heads=16, patch_size=16),
-    "vit_huge": ArchSpec(embed_dim=1280, depth=32, num_heads=16, patch_size=14),
-    # The conv stem replaces one transformer block to keep the FLOPs (the official vit_conv_* models).
-    "vit_conv_small": ArchSpec(embed_dim=384, depth=11, num_heads=12, patch_size=16, conv_stem=True),
-    "vit_conv_base": ArchSpec(embed_dim=768, depth=11, num_heads=12, patch_size=16, conv_stem=True),
-}
 
 
 def sincos_pos_embed(grid: int, dim: int, temperature: float = 10000.0, row_first: bool = True) -> torch.Tensor:
@@ -188,7 +166,7 @@ class Mlp(nn.Module):
         return self.fc2(self.act(self.fc1(x)))
 
 
-def beit_trunc_normal_(tensor: torch.Tensor, std: float = 0.02) -> torch.Tensor:
+def trunc_normal_within_std_(tensor: torch.Tensor, std: float = 0.02) -> torch.Tensor:
     """BEiT's initialisation: N(0, std) truncated at +-std (its modeling code passes a=-std, b=std to timm's
     trunc_normal_, whose bounds are absolute), an effective standard deviation of 0.54 std."""
     return nn.init.trunc_normal_(tensor, std=std, a=-std, b=std)
@@ -265,10 +243,10 @@ class VisionTransformer(nn.Module):
         drop_path_rate: stochastic depth of the last block (linearly less before it), for fine-tuning.
         pos_embed: "sincos" (fixed 2-D table, MoCo v3), "learned" (truncated normal 0.02, DeiT and SiT) or "none"
             (BEiT, whose positions come from the relative position bias; the table stays, zero and frozen).
-        init: "mocov3" (xavier, q/k/v as three matrices), "trunc_normal" (DeiT/SiT: every Linear N(0, 0.02)
-            truncated at +-2, class token too; the patch convolution keeps PyTorch's default) or "beit" (N(0, 0.02)
-            truncated at +-0.02 for every Linear, the patch convolution, class and [MASK] tokens; zero biases;
-            block l's attn.proj and mlp.fc2 weights divided by sqrt(2 l)).
+        init: "xavier" (MoCo v3's: q/k/v as three matrices), "trunc_normal" (DeiT/SiT: every Linear N(0, 0.02)
+            truncated at +-2, class token too; the patch convolution keeps PyTorch's default) or "depth_scaled"
+            (BEiT's: N(0, 0.02) truncated at +-0.02 for every Linear, the patch convolution, class and [MASK]
+            tokens; zero biases; block l's attn.proj and mlp.fc2 weights divided by sqrt(2 l)).
         num_heads: attention heads; 0 takes the arch's.
         rel_pos_bias: "none", "shared" (one relative position bias for all blocks: BEiT pre-training) or
             "per_block" (one each: BEiT fine-tuning, which starts every block from the shared one).
@@ -291,7 +269,7 @@ class VisionTransformer(nn.Module):
         grad_checkpointing: bool = False,
         drop_path_rate: float = 0.0,
         pos_embed: str = "sincos",
-        init: str = "mocov3",
+        init: str = "xavier",
         num_heads: int = 0,
         rel_pos_bias: str = "none",
         layer_scale: float = 0.0,
@@ -325,8 +303,8 @@ class VisionTransformer(nn.Module):
         self.fc_norm = pooled_norm if global_pool == "avg" else nn.Identity()
         self.grad_checkpointing = grad_checkpointing
         self.patch_embed_fn = patch_embed_fn if isinstance(self.patch_embed, PatchEmbed) else None
-        if init in ("trunc_normal", "beit"):
-            self._init_trunc_normal(beit=init == "beit")
+        if init in ("trunc_normal", "depth_scaled"):
+            self._init_trunc_normal(depth_scaled=init == "depth_scaled")
         else:
             self._init_weights()
         if pos_embed == "learned":
@@ -347,21 +325,23 @@ class VisionTransformer(nn.Module):
                 )
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
-    def _init_trunc_normal(self, beit: bool = False) -> None:
+    def _init_trunc_normal(self, depth_scaled: bool = False) -> None:
         """DeiT/SiT: every Linear N(0, 0.02) truncated at +-2 (timm's absolute bounds: +-100 std, a plain normal),
         class (and [MASK]) token too, the patch convolution left at PyTorch's default. BEiT (its modeling code wraps
         trunc_normal_ with bounds +-std): truncated at +-1 std (effective std 0.0108), the patch convolution too
         with a zero bias, then block l's attn.proj and mlp.fc2 weights divided by sqrt(2 l)."""
-        init = beit_trunc_normal_ if beit else functools.partial(nn.init.trunc_normal_, std=0.02, a=-2.0, b=2.0)
+        init = (
+            trunc_normal_within_std_ if depth_scaled else functools.partial(nn.init.trunc_normal_, std=0.02, a=-2, b=2)
+        )
         for module in self.modules():
-            if isinstance(module, nn.Linear) or (beit and isinstance(module, nn.Conv2d)):
+            if isinstance(module, nn.Linear) or (depth_scaled and isinstance(module, nn.Conv2d)):
                 init(module.weight)
                 if module.bias is not None:
                     nn.init.zeros_(module.bias)
         init(self.cls_token)
         if self.mask_token is not None:
             init(self.mask_token)
-        if beit:  # the residual branches' output projections shrink with depth
+        if depth_scaled:  # the residual branches' output projections shrink with depth
             with torch.no_grad():
                 for layer, block in enumerate(self.blocks, start=1):
                     block.attn.proj.weight.div_(math.sqrt(2.0 * layer))

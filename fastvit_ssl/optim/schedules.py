@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from collections.abc import Mapping
+from dataclasses import dataclass, field
 
+import numpy as np
 import torch
-
-from fastvit_ssl.config import OptimConfig
 
 
 def learning_rate(
@@ -38,11 +38,6 @@ def half_cosine(epoch: float, epochs: float, start: float, end: float) -> float:
     return end + (start - end) * 0.5 * (1.0 + math.cos(math.pi * min(epoch / epochs, 1.0)))
 
 
-def moco_momentum(epoch: float, epochs: float, base_momentum: float, cosine: bool = True) -> float:
-    """m = 1 - (1 - m0) (1 + cos(pi t / T)) / 2: from m0 at the start to 1 at the end (constant m0 if not cosine)."""
-    return half_cosine(epoch, epochs, base_momentum, 1.0) if cosine else base_momentum
-
-
 def peak_learning_rate(base_lr: float, global_batch: int) -> float:
     """The linear scaling rule of the paper: lr = base_lr * batch / 256."""
     return base_lr * global_batch / 256
@@ -54,29 +49,50 @@ class Hyperparameters:
 
     lr: float
     weight_decay: float
-    momentum: float  # of the EMA networks (1 for methods without)
+    momentum: float = 1.0  # of the EMA networks (1 for methods without)
+    values: Mapping[str, float] = field(default_factory=dict)  # every schedule's value, the method's own included
 
 
-def hyperparameters(
-    cfg: OptimConfig,
-    epoch: float,
-    peak_lr: float,
-    momentum: float,
-    lr_scale: float = 1.0,
-    warmup: str = "ramp",
-    steps_per_epoch: int = 1,
-) -> Hyperparameters:
-    """The values at `epoch`: warm-up (`learning_rate`'s kinds) + cosine lr (times the NaN guard's `lr_scale`);
-    weight decay constant, or on a cosine to cfg.weight_decay_end when that is >= 0."""
-    lr = lr_scale * learning_rate(epoch, peak_lr, cfg.warmup_epochs, cfg.epochs, cfg.min_lr, warmup, steps_per_epoch)
-    if cfg.weight_decay_end < 0:
-        return Hyperparameters(lr, cfg.weight_decay, momentum)
-    return Hyperparameters(lr, half_cosine(epoch, cfg.epochs, cfg.weight_decay, cfg.weight_decay_end), momentum)
+class Schedules:
+    """Every scheduled value of a run, per iteration, computed once (as dinov2's build_schedulers): the learning rate
+    (the method's warm-up, then a cosine to optim.min_lr), the weight decay (constant, or a cosine to
+    optim.weight_decay_end) and the method's own (Method.schedules: "momentum", ...). Pure functions of the config:
+    a resumed run reads the same values.
+
+    Args:
+        cfg: the run's config.
+        method: the method's class (its lr_warmup and schedules).
+        steps_per_epoch: iterations of one epoch.
+    """
+
+    def __init__(self, cfg, method, steps_per_epoch: int):
+        o, spe = cfg.optim, steps_per_epoch
+        self.total = o.epochs * spe
+        epochs = [i / spe for i in range(self.total)]  # the fractional epoch of every iteration
+        peak = peak_learning_rate(o.base_lr, cfg.data.batch_size)
+        lr = [learning_rate(e, peak, o.warmup_epochs, o.epochs, o.min_lr, method.lr_warmup, spe) for e in epochs]
+        self.lr = np.array(lr)
+        if o.weight_decay_end < 0:
+            self.weight_decay = np.full(self.total, o.weight_decay)
+        else:
+            self.weight_decay = np.array([half_cosine(e, o.epochs, o.weight_decay, o.weight_decay_end) for e in epochs])
+        self.own = method.schedules(cfg, self.total)
+
+    def at(self, step: int, lr_scale: float = 1.0) -> Hyperparameters:
+        """The values of iteration `step` (the NaN guard's `lr_scale` times the lr)."""
+        i = min(step, self.total - 1)
+        values = {"lr": float(self.lr[i]) * lr_scale, "weight_decay": float(self.weight_decay[i])}
+        values |= {name: float(v[i]) for name, v in self.own.items()}
+        return Hyperparameters(values["lr"], values["weight_decay"], values.get("momentum", 1.0), values)
 
 
 def set_hyperparameters(optimizer: torch.optim.Optimizer, hparams: Hyperparameters) -> None:
-    """lr into every group, weight decay into the groups that decay (Method.param_groups' "decay")."""
+    """The step's lr and weight decay into every group, times the group's multipliers (Method.param_groups)."""
     for group in optimizer.param_groups:
-        group["lr"] = hparams.lr
-        if group.get("decay", True):  # checkpoints from before the groups had the flag: one decayed group
-            group["weight_decay"] = hparams.weight_decay
+        group["lr"] = hparams.lr * group.get("lr_scale", 1.0)
+        group["weight_decay"] = hparams.weight_decay * wd_scale(group)
+
+
+def wd_scale(group: dict) -> float:
+    """A group's weight-decay multiplier; groups restored from checkpoints made before 2026-12-04 say "decay"."""
+    return group.get("wd_scale", 1.0 if group.get("decay", True) else 0.0)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import hashlib
+
 import torch
 from torch import nn
 
@@ -30,6 +32,10 @@ class VisualTokenizer(nn.Module):
     def map_pixels(self, pixels: torch.Tensor) -> torch.Tensor:
         return pixels
 
+    def digest(self) -> str:
+        """SHA-256 of the weights (what a checkpoint remembers of its tokenizer)."""
+        return state_digest(self.state_dict())
+
     @torch.no_grad()
     def tokenize(self, images: torch.Tensor) -> torch.Tensor:
         """The ViT's views -> [B, grid * grid] long tokens (row-major, as the ViT's patches)."""
@@ -38,3 +44,13 @@ class VisualTokenizer(nn.Module):
 
     def encode(self, pixels: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
+
+
+def state_digest(state: dict[str, torch.Tensor]) -> str:
+    """SHA-256 of tensors by name: names, dtypes, shapes and bytes, in name order."""
+    h = hashlib.sha256()
+    for name in sorted(state):
+        t = state[name].detach().cpu().contiguous()
+        h.update(f"{name}:{t.dtype}:{tuple(t.shape)}".encode())
+        h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return h.hexdigest()

@@ -1,9 +1,9 @@
 import pytest
 import torch
 
-from fastvit_ssl.config import FUSED_CONTRASTIVE_MAX_DIM
 from fastvit_ssl.kernels.contrastive import MAX_DIM, contrastive_loss, contrastive_loss_ref
 from fastvit_ssl.kernels.target import A100, H100, planning_for
+from fastvit_ssl.specs import CONTRASTIVE_KERNEL_MAX_DIM
 from numerics import assert_no_worse_than_torch
 
 # (N queries, M keys, D, label offset): N = 1 and 3, D not a power of two, M != N, rank offsets, partial tiles
@@ -68,7 +68,7 @@ def test_bad_inputs_are_named():
 
 
 def test_the_config_knows_the_kernels_feature_limit():
-    assert FUSED_CONTRASTIVE_MAX_DIM == MAX_DIM
+    assert CONTRASTIVE_KERNEL_MAX_DIM == MAX_DIM
 
 
 def test_memory_is_linear_in_the_batch(device):

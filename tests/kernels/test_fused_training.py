@@ -29,7 +29,7 @@ def micro_arch(monkeypatch):
 def test_fused_patch_embedding_gives_the_same_vit(micro_arch, uint8, device):
     torch.manual_seed(0)
     ref = vit.VisionTransformer("vit_micro", 14, frozen_patch_embed=False).to(device)
-    fused = vit.VisionTransformer("vit_micro", 14, frozen_patch_embed=False, patch_embed_fn=fused_ops().patch_embed)
+    fused = vit.VisionTransformer("vit_micro", 14, frozen_patch_embed=False, patch_embed_fn=fused_ops()["patch_embed"])
     fused.to(device).load_state_dict(ref.state_dict())
     u = torch.randint(0, 256, (3, 14, 14, 3), dtype=torch.uint8, device=device)
     x = vit.normalize_uint8(u) if uint8 else torch.randn(3, 3, 14, 14, device=device)
