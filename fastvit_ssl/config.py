@@ -72,9 +72,11 @@ class ModelConfig:
     compile: bool = False  # torch.compile every encoder block: LayerNorm, GELU, bias and residual adds fused
     # torch.compile's mode: reduce-overhead and max-autotune replay CUDA graphs (static shapes: a ViT's are)
     compile_mode: Literal["default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"] = "default"
-    pos_embed: Literal["sincos", "learned", "none"] = "sincos"  # fixed 2-D sin-cos (MoCo v3), learned (SiT), none
-    # xavier (MoCo v3's); trunc_normal (DeiT's, SiT's: 0.02); depth_scaled (BEiT's: 0.02 cut at 1 std, / sqrt(2 l))
-    init: Literal["xavier", "trunc_normal", "depth_scaled"] = "xavier"
+    # fixed 2-D sin-cos (MoCo v3; MAE's has the column's half first), learned (SiT), none (BEiT)
+    pos_embed: Literal["sincos", "sincos_cols_first", "learned", "none"] = "sincos"
+    # xavier (MoCo v3's); trunc_normal (DeiT's, SiT's: 0.02); depth_scaled (BEiT's: 0.02 cut at 1 std, / sqrt(2 l));
+    # xavier_joint (MAE's: q/k/v as one matrix)
+    init: Literal["xavier", "trunc_normal", "depth_scaled", "xavier_joint"] = "xavier"
     num_heads: int = 0  # 0: the arch's (MoCo v3's ViT-S has 12 heads, DeiT's and SiT's 6)
     rel_pos_bias: Literal["none", "shared", "per_block"] = "none"  # BEiT: shared (pre-training), per_block
     layer_scale: float = 0.0  # LayerScale's initial value (BEiT: 0.1 for B, 1e-5 for L); 0: none

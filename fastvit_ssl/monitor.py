@@ -82,14 +82,15 @@ class Monitor:
         self.window_start, self.window_steps = time.perf_counter(), 0
         last = self.flush(images_per_second=speed)
         eta = (self.total_steps - step) * self.images_per_step / max(speed, 1e-9)
+        momentum = f" m {last['momentum']:.5f}" if "momentum" in last else ""  # methods with EMA networks
         log.info(
-            "step %d/%d (epoch %.2f) loss %.4f lr %.3g m %.5f grad %.3g | %.0f img/s | ETA %s",
+            "step %d/%d (epoch %.2f) loss %.4f lr %.3g%s grad %.3g | %.0f img/s | ETA %s",
             step,
             self.total_steps,
             last["epoch"],
             last["loss"],
             last["lr"],
-            last["momentum"],
+            momentum,
             last["grad_norm"],
             speed,
             format_seconds(eta),

@@ -1,6 +1,7 @@
-"""Run by tests/test_distributed.py under torchrun: one step of a method (MoCo v3 or SiT) on this rank's share of a
-fixed global batch, saving the loss and the gradients so the test can compare them with a single-process run. In
-float64: what is compared is the math of splitting the batch, not the rounding of fp32 sums taken in another order.
+"""Run by tests/test_distributed.py under torchrun: one step of a method (MoCo v3, SiT, MAE) on this rank's share
+of a fixed global batch (a method with one view takes the first), saving the loss and the gradients so the test can
+compare them with a single-process run. In float64: what is compared is the math of splitting the batch, not the
+rounding of fp32 sums taken in another order.
 
     python tests/dist_worker.py OUT.pt METHOD [override ...]
 """

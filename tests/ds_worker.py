@@ -1,6 +1,6 @@
-"""Run by tests/test_deepspeed.py: a few MoCo v3 (and SiT) steps on a fixed global batch with the DeepSpeed engine under
-torchrun (gloo, CPU), or with the local engine in one process as the reference. Rank 0 saves, per experiment,
-the losses and the full fp32 weights of the trained network.
+"""Run by tests/test_deepspeed.py: a few MoCo v3 (and SiT, BEiT, MAE) steps on a fixed global batch with the
+DeepSpeed engine under torchrun (gloo, CPU), or with the local engine in one process as the reference. Rank 0
+saves, per experiment, the losses and the full fp32 weights of the trained network.
 
     python -m torch.distributed.run --nproc_per_node 2 tests/ds_worker.py OUT.pt deepspeed
     python tests/ds_worker.py OUT.pt local
@@ -40,6 +40,8 @@ BASE = [
 SIT = ["method.name=sit", "sit.dim=16", "sit.mlp_dim=32", "sit.drop_path=0", "sit.replace_prob=0"]
 # BEiT without drop path (per rank), on a fixed random tokenizer (tokenizer_path added by beit_tokenizer)
 BEIT = [*BEIT_TINY, "beit.drop_path=0"]
+MAE = ["method.name=mae", "model.pos_embed=sincos_cols_first", "mae.decoder_dim=16", "mae.decoder_depth=1"]
+MAE += ["mae.decoder_heads=2"]
 
 
 def beit_tokenizer(folder: Path) -> str:
@@ -122,6 +124,9 @@ def experiments(kind: str, tmp: Path) -> dict:
     for stage in [2, 3] if kind == "deepspeed" else [0]:
         engine, _ = make_engine(kind, "lars", stage, extra=beit)  # LARS: AdamW magnifies rounding at step 1
         results[f"beit-zero{stage}"] = {"losses": train(engine, "lars", range(2)), "weights": full_weights(engine)}
+    for stage in [2, 3] if kind == "deepspeed" else [0]:
+        engine, _ = make_engine(kind, "lars", stage, extra=MAE)
+        results[f"mae-zero{stage}"] = {"losses": train(engine, "lars", range(2)), "weights": full_weights(engine)}
     for stage in [2, 3] if kind == "deepspeed" else []:  # compiled blocks, to compare with lars-zero2/3
         engine, _ = make_engine(kind, "lars", stage, extra=["model.compile=true"])
         results[f"lars-zero{stage}-compiled"] = {

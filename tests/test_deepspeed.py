@@ -62,6 +62,14 @@ def test_beit_under_zero_follows_the_single_process_run(results, stage):
 
 
 @pytest.mark.parametrize("stage", [2, 3])
+def test_mae_under_zero_follows_the_single_process_run(results, stage):
+    """MAE's masks are drawn per image of the global batch, so 2 ranks train as 1 process (2 LARS steps)."""
+    ours, reference = results[0][f"mae-zero{stage}"], results[1]["mae-zero0"]
+    assert all(torch.isfinite(torch.tensor(ours["losses"])))
+    assert max_diff(ours["weights"], reference["weights"]) < 1e-5  # the module docstring's ~80 ulps
+
+
+@pytest.mark.parametrize("stage", [2, 3])
 def test_compiled_blocks_under_zero_train_as_eager(results, stage):
     """4 LARS steps. Inductor's fused loops compute erf, rsqrt and reductions with other instructions and in
     another order than eager (and differently on AVX2 and AVX-512): the first loss already differs by 5 ulps

@@ -1,6 +1,6 @@
 """Two gloo processes on a global batch must give one process's loss and gradients on the same batch: keys are
 gathered from all ranks, labels are offset by N * rank, the heads' BN statistics cover the global batch, and SiT's
-corruption of an image does not depend on the number of ranks."""
+corruption (and MAE's mask) of an image does not depend on the number of ranks."""
 
 import subprocess
 import sys
@@ -16,6 +16,9 @@ WORKER = Path(__file__).with_name("dist_worker.py")
 METHODS = {
     "mocov3": [],
     "sit": ["method.name=sit", "sit.dim=16", "sit.mlp_dim=32", "sit.drop_path=0", "sit.replace_prob=0"],
+    # MAE: each image's mask comes from the global batch's noise; every image removes 3 of its 4 patches
+    "mae": ["method.name=mae", "model.pos_embed=sincos_cols_first", "model.frozen_patch_embed=false"]
+    + ["mae.decoder_dim=16", "mae.decoder_depth=1", "mae.decoder_heads=2"],
 }
 
 
@@ -33,7 +36,7 @@ def test_two_processes_equal_one_process(tmp_path, method):
     # In float64 (unit roundoff 1.1e-16) sums of 8 samples against 2 x 4 differ by rounding, amplified by the
     # network's cancellations to ~30 roundoffs of the largest gradient (3.7e-15). 1e-12 leaves a margin of ~300
     # for other CPUs' vector paths and is 12 orders below a wrong split (a label offset, BN statistics of one
-    # rank), which changes the gradients by O(1).
+    # rank, a mask drawn per rank), which changes the gradients by O(1).
     assert two["loss"].dtype == torch.float64
     torch.testing.assert_close(two["loss"], one["loss"], rtol=1e-12, atol=0)  # measured: 1.9e-16 relative
     assert one["grads"].keys() == two["grads"].keys() and len(one["grads"]) > 50

@@ -64,6 +64,17 @@ def cosine(start: float, end: float, total_steps: int) -> np.ndarray:
     return end + (start - end) * 0.5 * (1.0 + np.cos(math.pi * steps / total_steps))
 
 
+def weight_decay_groups(module: nn.Module, exempt: tuple[str, ...] = ()) -> list[dict]:
+    """The trained parameters of `module` in two groups: with weight decay, and without it for biases, 1-D tensors
+    and parameters whose last name is in `exempt` (the official codes of DINO, SiT, BEiT and MAE)."""
+    trained = [(n, p) for n, p in module.named_parameters() if p.requires_grad]
+    plain = {id(p) for n, p in trained if p.ndim == 1 or n.endswith(".bias") or n.split(".")[-1] in exempt}
+    return [
+        {"params": [p for _, p in trained if id(p) not in plain], "lr_scale": 1.0, "wd_scale": 1.0},
+        {"params": [p for _, p in trained if id(p) in plain], "lr_scale": 1.0, "wd_scale": 0.0},
+    ]
+
+
 class Method(nn.Module):
     """Subclasses set `self.online` and the class attributes below.
 
@@ -114,8 +125,8 @@ class Method(nn.Module):
     @classmethod
     def schedules(cls, cfg: config.Config, total_steps: int) -> dict[str, np.ndarray]:
         """Per-iteration values of its own schedules ("momentum" for EMA methods; any others it reads from
-        batch["hparams"].values). Momentum 1 (no EMA) by default."""
-        return {"momentum": np.ones(total_steps)}
+        batch["hparams"].values). None by default (the momentum is then 1: no EMA)."""
+        return {}
 
     @classmethod
     def finetuning_layout(cls, cfg: config.Config) -> dict:

@@ -27,7 +27,7 @@ from fastvit_ssl.checkpoint import CheckpointError, IncompatibleCheckpoint
 from fastvit_ssl.config import Config, check, register_alias
 from fastvit_ssl.data.augment import ViewAugment, imagenet_stats
 from fastvit_ssl.data.masking import BlockMasking, mask_rng, masked_positions
-from fastvit_ssl.methods.base import Method, register
+from fastvit_ssl.methods.base import Method, register, weight_decay_groups
 from fastvit_ssl.methods.losses import linear_cross_entropy_ref
 from fastvit_ssl.models.build import build_encoder
 from fastvit_ssl.models.vit import VisionTransformer, normalize_uint8, trunc_normal_within_std_
@@ -281,13 +281,7 @@ class BEiT(Method):
 
     def param_groups(self) -> list[dict]:
         """As the official code: no weight decay for 1-D tensors, biases, the class token and positions."""
-        trained = [(n, p) for n, p in self.online.named_parameters() if p.requires_grad]
-        exempt = ("cls_token", "pos_embed")
-        plain = {id(p) for n, p in trained if p.ndim == 1 or n.endswith(".bias") or n.split(".")[-1] in exempt}
-        return [
-            {"params": [p for _, p in trained if id(p) not in plain], "lr_scale": 1.0, "wd_scale": 1.0},
-            {"params": [p for _, p in trained if id(p) in plain], "lr_scale": 1.0, "wd_scale": 0.0},
-        ]
+        return weight_decay_groups(self.online, exempt=("cls_token", "pos_embed"))
 
     @torch.no_grad()
     def pictures(self, images: torch.Tensor, path: Path) -> bool:

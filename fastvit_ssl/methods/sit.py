@@ -24,7 +24,7 @@ from fastvit_ssl import distributed
 from fastvit_ssl.config import Config, check, check_contrastive_dim
 from fastvit_ssl.data.augment import moco_v3_views
 from fastvit_ssl.data.gmml import Draws, corrupt, generator, replace_from_batch, take_rounds_ref
-from fastvit_ssl.methods.base import Method, cosine, register
+from fastvit_ssl.methods.base import Method, cosine, register, weight_decay_groups
 from fastvit_ssl.methods.ema import ema_update_ref_
 from fastvit_ssl.methods.losses import contrastive_across_ranks, contrastive_loss_ref
 from fastvit_ssl.models.build import build_encoder
@@ -216,13 +216,7 @@ class SiT(Method):
 
     def param_groups(self) -> list[dict]:
         """As the official code (DINO's groups): no weight decay for biases and 1-D tensors."""
-        trained = [(n, p) for n, p in self.online.named_parameters() if p.requires_grad]
-        plain = [p for n, p in trained if n.endswith(".bias") or p.ndim == 1]
-        ids = {id(p) for p in plain}
-        return [
-            {"params": [p for _, p in trained if id(p) not in ids], "lr_scale": 1.0, "wd_scale": 1.0},
-            {"params": plain, "lr_scale": 1.0, "wd_scale": 0.0},
-        ]
+        return weight_decay_groups(self.online)
 
     @torch.no_grad()
     def pictures(self, images: torch.Tensor, path: Path) -> bool:

@@ -28,8 +28,9 @@ def sincos_pos_embed(grid: int, dim: int, temperature: float = 10000.0, row_firs
 
     The patch at row i, column j gets [sin(i w), cos(i w), sin(j w), cos(j w)] with dim/4 frequencies
     w_k = 1 / temperature^(k / (dim/4)), computed in fp32 as MoCo v3's vits.py does, so that the table equals the
-    official one bit for bit (its meshgrid(grid_w, grid_h) puts the row first). row_first=False gives the table
-    this project used before 2026-12-01 (halves swapped), to recognise checkpoints made with it.
+    official one bit for bit (its meshgrid(grid_w, grid_h) puts the row first). row_first=False puts the column's
+    half first: MAE's table (its numpy meshgrid(grid_w, grid_h) in "xy" order), and the one this project used
+    before 2026-12-01 for every method.
     """
     if dim % 4:
         raise ValueError(f"embed_dim {dim} must be divisible by 4 for the 2-D sin-cos position embedding")
@@ -241,12 +242,15 @@ class VisionTransformer(nn.Module):
             fastvit_ssl.kernels.patch_embed's signature, or None for the modules' own computation.
         grad_checkpointing: recompute each block's activations in the backward pass (less memory, ~30% more time).
         drop_path_rate: stochastic depth of the last block (linearly less before it), for fine-tuning.
-        pos_embed: "sincos" (fixed 2-D table, MoCo v3), "learned" (truncated normal 0.02, DeiT and SiT) or "none"
-            (BEiT, whose positions come from the relative position bias; the table stays, zero and frozen).
+        pos_embed: "sincos" (fixed 2-D table, MoCo v3), "sincos_cols_first" (the same with the column's half first,
+            MAE), "learned" (truncated normal 0.02, DeiT and SiT) or "none" (BEiT, whose positions come from the
+            relative position bias; the table stays, zero and frozen).
         init: "xavier" (MoCo v3's: q/k/v as three matrices), "trunc_normal" (DeiT/SiT: every Linear N(0, 0.02)
             truncated at +-2, class token too; the patch convolution keeps PyTorch's default) or "depth_scaled"
             (BEiT's: N(0, 0.02) truncated at +-0.02 for every Linear, the patch convolution, class and [MASK]
-            tokens; zero biases; block l's attn.proj and mlp.fc2 weights divided by sqrt(2 l)).
+            tokens; zero biases; block l's attn.proj and mlp.fc2 weights divided by sqrt(2 l)) or "xavier_joint"
+            (MAE's, after the JAX ViT: every Linear xavier-uniform as one matrix, q/k/v's [3D, D] included, the
+            patch projection as the unrolled matrix, class token N(0, 0.02), zero biases).
         num_heads: attention heads; 0 takes the arch's.
         rel_pos_bias: "none", "shared" (one relative position bias for all blocks: BEiT pre-training) or
             "per_block" (one each: BEiT fine-tuning, which starts every block from the shared one).
@@ -286,9 +290,9 @@ class VisionTransformer(nn.Module):
         self.patch_embed = stem(img_size, spec.patch_size, in_chans, spec.embed_dim)
         self.cls_token = nn.Parameter(torch.zeros(1, 1, spec.embed_dim))
         self.grid = grid = img_size // spec.patch_size  # patches per side
-        table = sincos_pos_embed(grid, spec.embed_dim)  # (1, 1 + L, D)
+        table = sincos_pos_embed(grid, spec.embed_dim, row_first=pos_embed != "sincos_cols_first")  # (1, 1 + L, D)
         self.pos_embed_kind = pos_embed
-        self.pos_embed = nn.Parameter(table if pos_embed == "sincos" else torch.zeros_like(table))
+        self.pos_embed = nn.Parameter(table if pos_embed.startswith("sincos") else torch.zeros_like(table))
         self.pos_embed.requires_grad_(pos_embed == "learned")
         self.mask_token = nn.Parameter(torch.zeros(1, 1, spec.embed_dim)) if mask_token else None
         rates = [drop_path_rate * i / max(spec.depth - 1, 1) for i in range(spec.depth)]  # deeper: dropped more
@@ -306,7 +310,7 @@ class VisionTransformer(nn.Module):
         if init in ("trunc_normal", "depth_scaled"):
             self._init_trunc_normal(depth_scaled=init == "depth_scaled")
         else:
-            self._init_weights()
+            self._init_weights(joint_qkv=init == "xavier_joint")
         if pos_embed == "learned":
             nn.init.trunc_normal_(self.pos_embed, std=0.02, a=-2.0, b=2.0)
         if isinstance(self.patch_embed, PatchEmbed):
@@ -347,17 +351,19 @@ class VisionTransformer(nn.Module):
                     block.attn.proj.weight.div_(math.sqrt(2.0 * layer))
                     block.mlp.fc2.weight.div_(math.sqrt(2.0 * layer))
 
-    def _init_weights(self) -> None:
+    def _init_weights(self, joint_qkv: bool = False) -> None:
+        """MoCo v3's xavier-uniform (class token N(0, 1e-6)), or MAE's (joint_qkv: q/k/v as one [3D, D] matrix, class
+        token N(0, 0.02))."""
         for name, module in self.named_modules():
             if isinstance(module, nn.Linear):
-                if name.endswith("qkv"):  # q, k and v are three D x D matrices, each xavier-initialised
+                if name.endswith("qkv") and not joint_qkv:  # q, k and v are three D x D matrices, each xavier
                     bound = math.sqrt(6.0 / (module.weight.shape[0] // 3 + module.weight.shape[1]))
                     nn.init.uniform_(module.weight, -bound, bound)
                 else:
                     nn.init.xavier_uniform_(module.weight)
                 if module.bias is not None:
                     nn.init.zeros_(module.bias)
-        nn.init.normal_(self.cls_token, std=1e-6)
+        nn.init.normal_(self.cls_token, std=0.02 if joint_qkv else 1e-6)
         if isinstance(self.patch_embed, PatchEmbed):
             proj = self.patch_embed.proj  # xavier over the unrolled (C * p * p) -> D matrix
             bound = math.sqrt(6.0 / (proj.weight[0].numel() + proj.weight.shape[0]))
@@ -403,12 +409,22 @@ class VisionTransformer(nn.Module):
             masked = self.mask_token.to(x.dtype) + self.pos_embed[:, 1:].to(x.dtype)  # (1, L, D)
             x = torch.cat([x[:, :1], torch.where(mask[..., None], masked, x[:, 1:])], dim=1)
         bias = self.rel_pos_bias() if self.rel_pos_bias is not None else None  # (1, heads, T, T)
+        return self.norm(self.run_blocks(x, bias))
+
+    def run_blocks(self, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
         for block in self.blocks:
             if self.grad_checkpointing and torch.is_grad_enabled():  # keep block inputs only; recompute in backward
                 x = torch.utils.checkpoint.checkpoint(block, x, bias, use_reentrant=False)
             else:
                 x = block(x, bias)
-        return self.norm(x)
+        return x
+
+    def forward_visible(self, images: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
+        """MAE's encoder: only the patches `keep` names ([B, K] indices, row-major) go through the blocks.
+        -> [B, 1 + K, D]: the class token, then the kept patches in `keep`'s order, after the final norm."""
+        x = self.embed_tokens(images)  # (B, 1 + L, D), positions added
+        kept = x[:, 1:].gather(1, keep[..., None].expand(-1, -1, x.shape[-1]))  # (B, K, D)
+        return self.norm(self.run_blocks(torch.cat([x[:, :1], kept], dim=1)))
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         x = self.forward_tokens(images)
