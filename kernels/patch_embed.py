@@ -3,6 +3,9 @@
     out[b, 0]     = cls + pos[0]                                    (with a class token)
     out[b, 1 + l] = W . patch_l(x_b) + bias + pos[1 + l],           patch_l flattened as (c, i, j) like the conv weight
 
+With `keep` ([B, K] patch indices, MAE's visible patches) only those patches are gathered and embedded, in keep's
+order: out[b, 1 + k] = W . patch_keep[b, k](x_b) + bias + pos[1 + keep[b, k]]; the removed ones cost nothing.
+
 The patches are gathered straight from the image (no im2col copy, no conv/flatten/transpose/cat/add chain). Images
 are float NCHW, or uint8 NHWC (as DALI hands them over) normalised on the fly: x = (u / 255 - mean[c]) / std[c].
 Backward computes dW = sum_rows dout^T patch and dbias = sum_rows dout in one kernel, and nothing at all for a
@@ -20,17 +23,21 @@ from fastvit_ssl.kernels.multi_tensor import triton_dtype
 from fastvit_ssl.kernels.target import Target, interpreted, target_of
 
 
-def _config(kernel: str, dtype: torch.dtype, target: Target) -> dict:
+def _config(kernel: str, dtype: torch.dtype, target: Target, keep: bool = False) -> dict:
     """Tiles of the forward ("fwd": BLOCK_R output rows x BLOCK_D features) or weight-gradient ("bwd": BLOCK_D x
     BLOCK_K weights, summed over BLOCK_R rows at a time) kernel, with BLOCK_K patch pixels per step.
 
     From the ahead-of-time check (python -m fastvit_ssl.kernels.aot), for patches of 14 and 16 on sm_80 and sm_90a:
     bf16/fp16 dots take tensor-core tiles of 128 rows (with uint8 input, 128 x 128 x 32 makes ptxas serialise the
     H100's wgmma, hence 64 features); exact fp32 dots run on the FMA units with operands in registers and spill
-    above 64 x 64 x 32.
+    above 64 x 64 x 32. Gathering kept patches (`keep`: indices loaded, not computed) costs the forward registers:
+    16 pixels per step and two pipeline stages (with 32 and 3, sm_80 spilled 8-48 B in fp32 and sm_90a serialised
+    its bf16 wgmma on uint8 images, whatever the row and feature tiles).
     """
     if target.interpreted:  # few, large programs
         return dict(BLOCK_R=64, BLOCK_D=128, BLOCK_K=64, num_warps=4)
+    if keep and kernel == "fwd":
+        return dict(BLOCK_R=64 if dtype == torch.float32 else 128, BLOCK_D=64, BLOCK_K=16, num_warps=4, num_stages=2)
     if dtype == torch.float32:
         if kernel == "fwd":
             return dict(BLOCK_R=64, BLOCK_D=64, BLOCK_K=32, num_warps=4, num_stages=3)
@@ -78,6 +85,7 @@ def _patch_embed_fwd_kernel(
     cls_ptr,
     scale_ptr,
     shift_ptr,
+    keep_ptr,
     out_ptr,
     R,
     T,
@@ -90,6 +98,7 @@ def _patch_embed_fwd_kernel(
     stride_w,
     P: tl.constexpr,
     HAS_CLS: tl.constexpr,
+    HAS_KEEP: tl.constexpr,
     NORMALIZE: tl.constexpr,
     BLOCK_R: tl.constexpr,
     BLOCK_D: tl.constexpr,
@@ -101,6 +110,9 @@ def _patch_embed_fwd_kernel(
     token = rows % T
     patch = token - HAS_CLS  # -1 on class-token rows
     is_patch = (rows < R) & (patch >= 0)
+    if HAS_KEEP:  # the patch index of output token t: keep[b, t - 1]
+        patch = tl.load(keep_ptr + (rows // T) * (T - HAS_CLS) + patch, mask=is_patch, other=-1).to(tl.int32)
+    pos_row = tl.where(patch >= 0, patch + HAS_CLS, 0)
     base = (rows // T) * stride_b + (patch // grid_w) * (P * stride_h) + (patch % grid_w) * (P * stride_w)
     acc = tl.zeros([BLOCK_R, BLOCK_D], tl.float32)
     for k0 in range(0, K, BLOCK_K):
@@ -116,7 +128,7 @@ def _patch_embed_fwd_kernel(
         cls = tl.load(cls_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)
         value = tl.where((patch >= 0)[:, None], value, cls[None, :])
     out_ok = (rows < R)[:, None] & col_ok[None, :]
-    value += tl.load(pos_ptr + token[:, None] * D + cols[None, :], mask=out_ok, other=0.0).to(tl.float32)
+    value += tl.load(pos_ptr + pos_row[:, None] * D + cols[None, :], mask=out_ok, other=0.0).to(tl.float32)
     tl.store(out_ptr + rows[:, None] * D + cols[None, :], value.to(out_ptr.dtype.element_ty), mask=out_ok)
 
 
@@ -126,6 +138,7 @@ def _patch_embed_bwd_kernel(
     dout_ptr,
     scale_ptr,
     shift_ptr,
+    keep_ptr,
     dw_ptr,
     dbias_ptr,
     RP,
@@ -141,6 +154,7 @@ def _patch_embed_bwd_kernel(
     rows_per_split,
     P: tl.constexpr,
     HAS_CLS: tl.constexpr,
+    HAS_KEEP: tl.constexpr,
     NORMALIZE: tl.constexpr,
     BLOCK_R: tl.constexpr,
     BLOCK_D: tl.constexpr,
@@ -153,14 +167,17 @@ def _patch_embed_bwd_kernel(
     acc_w = tl.zeros([BLOCK_D, BLOCK_K], tl.float32)
     acc_b = tl.zeros([BLOCK_D], tl.float32)
     for r0 in range(first, tl.minimum(first + rows_per_split, RP), BLOCK_R):
-        prow = r0 + tl.arange(0, BLOCK_R)  # patch rows b * L + l
+        prow = r0 + tl.arange(0, BLOCK_R)  # patch rows b * L + l (L: the embedded patches of an image)
         valid = prow < tl.minimum(first + rows_per_split, RP)
-        b, patch = prow // L, prow % L
+        b, slot = prow // L, prow % L
+        patch = slot
+        if HAS_KEEP:
+            patch = tl.load(keep_ptr + prow, mask=valid, other=0).to(tl.int32)
         base = b * stride_b + (patch // grid_w) * (P * stride_h) + (patch % grid_w) * (P * stride_w)
         x = _gather_patches(
             img_ptr, scale_ptr, shift_ptr, base, valid, ks, K, stride_c, stride_h, stride_w, P, NORMALIZE
         )
-        out_row = b * T + HAS_CLS + patch
+        out_row = b * T + HAS_CLS + slot
         g = tl.load(
             dout_ptr + out_row[:, None] * D + cols[None, :], mask=valid[:, None] & (cols[None, :] < D), other=0.0
         )
@@ -191,7 +208,7 @@ def _norm_constants(mean, std, channels: int, device):
     return 1.0 / (255.0 * std), -mean / std
 
 
-def _check(images, weight, pos_embed, patch_size, cls_token):
+def _check(images, weight, pos_embed, patch_size, cls_token, keep):
     B, C, H, W, _, _ = _layout(images)
     D = weight.shape[0]
     if weight.shape != (D, C, patch_size, patch_size):
@@ -203,6 +220,10 @@ def _check(images, weight, pos_embed, patch_size, cls_token):
         raise ValueError(f"patch_embed: pos_embed {tuple(pos_embed.shape)} must end with ({T}, {D})")
     if images.requires_grad:
         raise ValueError("patch_embed: no gradient for the images; use patch_embed_ref")
+    if keep is not None and (keep.dtype != torch.int64 or keep.ndim != 2 or keep.shape[0] != B):
+        raise ValueError(
+            f"patch_embed: keep must be [{B}, K] int64 patch indices, got {keep.dtype} {tuple(keep.shape)}"
+        )
 
 
 def _dtypes(weight: torch.Tensor, pos_embed: torch.Tensor) -> tuple[torch.dtype, torch.dtype]:
@@ -215,15 +236,18 @@ def _dtypes(weight: torch.Tensor, pos_embed: torch.Tensor) -> tuple[torch.dtype,
     return weight.dtype, weight.dtype
 
 
-def patch_embed_fwd(images, weight, bias, pos_embed, patch_size, cls_token, mean, std, compute_dtype, out_dtype):
+def patch_embed_fwd(
+    images, weight, bias, pos_embed, patch_size, cls_token, mean, std, compute_dtype, out_dtype, keep=None
+):
     B, C, H, W, strides, normalize = _layout(images)
     D, K = weight.shape[0], C * patch_size * patch_size
     grid_w = W // patch_size
-    T = (H // patch_size) * grid_w + (cls_token is not None)
+    embedded = (H // patch_size) * grid_w if keep is None else keep.shape[1]  # patches per image
+    T = embedded + (cls_token is not None)
     out = torch.empty(B, T, D, dtype=out_dtype, device=images.device)
     scale, shift = _norm_constants(mean, std, C, images.device) if normalize else (weight, weight)  # unused
     target = target_of(images.device)
-    cfg = _config("fwd", compute_dtype, target)
+    cfg = _config("fwd", compute_dtype, target, keep is not None)
     dot_dtype = torch.float32 if interpreted(images.device) else compute_dtype  # see target.interpreted()
     grid = (triton.cdiv(B * T, cfg["BLOCK_R"]), triton.cdiv(D, cfg["BLOCK_D"]))
     _patch_embed_fwd_kernel[grid](
@@ -234,6 +258,7 @@ def patch_embed_fwd(images, weight, bias, pos_embed, patch_size, cls_token, mean
         cls_token if cls_token is not None else bias,
         scale,
         shift,
+        keep.contiguous() if keep is not None else bias,
         out,
         B * T,
         T,
@@ -243,6 +268,7 @@ def patch_embed_fwd(images, weight, bias, pos_embed, patch_size, cls_token, mean
         *strides,
         P=patch_size,
         HAS_CLS=cls_token is not None,
+        HAS_KEEP=keep is not None,
         NORMALIZE=normalize,
         DOT_DTYPE=triton_dtype(dot_dtype),
         **cfg,
@@ -250,12 +276,12 @@ def patch_embed_fwd(images, weight, bias, pos_embed, patch_size, cls_token, mean
     return out
 
 
-def patch_embed_bwd(images, dout, patch_size, has_cls, weight_shape, mean, std, compute_dtype):
+def patch_embed_bwd(images, dout, patch_size, has_cls, weight_shape, mean, std, compute_dtype, keep=None):
     """(dW [D, C, P, P], dbias [D]) in fp32; the products in `compute_dtype` (an fp32 dout is rounded to it)."""
     B, C, H, W, strides, normalize = _layout(images)
     D, K = weight_shape[0], C * patch_size * patch_size
     grid_w = W // patch_size
-    L = (H // patch_size) * grid_w
+    L = (H // patch_size) * grid_w if keep is None else keep.shape[1]  # embedded patches per image
     dout = dout.contiguous()
     dw = torch.zeros(D, K, dtype=torch.float32, device=images.device)
     dbias = torch.zeros(D, dtype=torch.float32, device=images.device)
@@ -273,6 +299,7 @@ def patch_embed_bwd(images, dout, patch_size, has_cls, weight_shape, mean, std, 
         dout,
         scale,
         shift,
+        keep.contiguous() if keep is not None else dbias,
         dw,
         dbias,
         B * L,
@@ -285,6 +312,7 @@ def patch_embed_bwd(images, dout, patch_size, has_cls, weight_shape, mean, std, 
         rows_per_split,
         P=patch_size,
         HAS_CLS=has_cls,
+        HAS_KEEP=keep is not None,
         NORMALIZE=normalize,
         DOT_DTYPE=triton_dtype(dot_dtype),
         **cfg,
@@ -294,8 +322,8 @@ def patch_embed_bwd(images, dout, patch_size, has_cls, weight_shape, mean, std, 
 
 class PatchEmbedFn(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, images, weight, bias, pos_embed, cls_token, patch_size, mean, std):
-        ctx.save_for_backward(images)
+    def forward(ctx, images, weight, bias, pos_embed, cls_token, patch_size, mean, std, keep):
+        ctx.save_for_backward(images, keep)
         ctx.patch_size, ctx.mean, ctx.std, ctx.has_cls, ctx.weight_shape = (
             patch_size,
             mean,
@@ -304,26 +332,32 @@ class PatchEmbedFn(torch.autograd.Function):
             weight.shape,
         )
         ctx.dtypes = (weight.dtype, bias.dtype, pos_embed.dtype, None if cls_token is None else cls_token.dtype)
+        ctx.pos_shape = pos_embed.shape
         ctx.compute_dtype, out_dtype = _dtypes(weight, pos_embed)
         return patch_embed_fwd(
-            images, weight, bias, pos_embed, patch_size, cls_token, mean, std, ctx.compute_dtype, out_dtype
+            images, weight, bias, pos_embed, patch_size, cls_token, mean, std, ctx.compute_dtype, out_dtype, keep
         )
 
     @staticmethod
     def backward(ctx, dout):
-        (images,) = ctx.saved_tensors
+        images, keep = ctx.saved_tensors
         _, need_w, need_b, need_pos, need_cls = ctx.needs_input_grad[:5]
         dw = dbias = dpos = dcls = None
         if need_w or need_b:  # a frozen projection skips this, the only heavy part
             dw, dbias = patch_embed_bwd(
-                images, dout, ctx.patch_size, ctx.has_cls, ctx.weight_shape, ctx.mean, ctx.std, ctx.compute_dtype
+                images, dout, ctx.patch_size, ctx.has_cls, ctx.weight_shape, ctx.mean, ctx.std, ctx.compute_dtype, keep
             )
             dw, dbias = dw.to(ctx.dtypes[0]) if need_w else None, dbias.to(ctx.dtypes[1]) if need_b else None
-        if need_pos:
+        if need_pos and keep is None:
             dpos = dout.sum(0, keepdim=True).to(ctx.dtypes[2])
+        elif need_pos:  # each kept token's gradient to its patch's row
+            rows = torch.cat([torch.zeros_like(keep[:, :1]), keep + 1], 1) if ctx.has_cls else keep
+            dpos = torch.zeros(ctx.pos_shape, dtype=torch.float32, device=dout.device)
+            dpos[0].index_add_(0, rows.flatten(), dout.flatten(0, 1).float())
+            dpos = dpos.to(ctx.dtypes[2])
         if need_cls:
             dcls = dout[:, :1].sum(0, keepdim=True).to(ctx.dtypes[3])
-        return None, dw, dbias, dpos, dcls, None, None, None
+        return None, dw, dbias, dpos, dcls, None, None, None, None
 
 
 def patch_embed(
@@ -335,13 +369,15 @@ def patch_embed(
     cls_token: torch.Tensor | None = None,
     mean=None,
     std=None,
+    keep: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """[B, C, H, W] float (or [B, H, W, C] uint8 with mean/std) -> [B, (1 +) L, D] token embeddings.
 
-    weight: the conv weight [D, C, P, P]; bias [D]; pos_embed [1, (1 +) L, D]; cls_token [1, 1, D] or None.
+    weight: the conv weight [D, C, P, P]; bias [D]; pos_embed [1, (1 +) L, D]; cls_token [1, 1, D] or None;
+    keep: [B, K] int64 patch indices to embed (and nothing else), or None for all: -> [B, (1 +) K, D].
     """
-    _check(images, weight, pos_embed, patch_size, cls_token)
-    return PatchEmbedFn.apply(images, weight, bias, pos_embed, cls_token, patch_size, mean, std)
+    _check(images, weight, pos_embed, patch_size, cls_token, keep)
+    return PatchEmbedFn.apply(images, weight, bias, pos_embed, cls_token, patch_size, mean, std, keep)
 
 
 def patch_embed_ref(
@@ -353,12 +389,19 @@ def patch_embed_ref(
     cls_token: torch.Tensor | None = None,
     mean=None,
     std=None,
+    keep: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """The unfused computation: (normalise) -> strided conv -> flatten -> transpose -> prepend class -> add pos."""
+    """The unfused computation: (normalise) -> strided conv -> flatten -> transpose -> prepend class -> add pos
+    (-> the class token and the `keep` patches)."""
     if images.dtype == torch.uint8:
         scale, shift = _norm_constants(mean, std, images.shape[-1], images.device)
         images = (images.float() * scale + shift).permute(0, 3, 1, 2)
     x = F.conv2d(images.to(weight.dtype), weight, bias, stride=patch_size).flatten(2).transpose(1, 2)  # (B, L, D)
     if cls_token is not None:
         x = torch.cat([cls_token.expand(x.shape[0], -1, -1).to(x.dtype), x], dim=1)
-    return x + pos_embed
+    x = x + pos_embed
+    if keep is None:
+        return x
+    first = 1 if cls_token is not None else 0
+    kept = x[:, first:].gather(1, keep[..., None].expand(-1, -1, x.shape[-1]))  # (B, K, D)
+    return torch.cat([x[:, :first], kept], dim=1)

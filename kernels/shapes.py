@@ -33,22 +33,26 @@ def contrastive_step(n: int, m: int, dim: int, dtype: torch.dtype) -> None:
     contrastive.contrastive_bwd(q, k, rq, rk, lse, meta(()), 0.2, 0)
 
 
-def patch_embed_step(width: int, patch: int, images: str, weights: torch.dtype, compute: torch.dtype) -> None:
+def patch_embed_step(
+    width: int, patch: int, images: str, weights: torch.dtype, compute: torch.dtype, keep: bool = False
+) -> None:
     """Forward and weight gradient of a trainable projection; `images` is "uint8" (NHWC) or a float dtype's name;
-    products in `compute`, the output (and its gradient) as the kernel makes it (fp32 under autocast)."""
+    products in `compute`, the output (and its gradient) as the kernel makes it (fp32 under autocast); `keep`:
+    MAE's visible quarter of the patches only."""
     batch, side = 256, 224
     if images == "uint8":
         x = meta(batch, side, side, 3, dtype=torch.uint8)
     else:
         x = meta(batch, 3, side, side, dtype=getattr(torch, images))
-    tokens = (side // patch) ** 2 + 1
+    patches = (side // patch) ** 2
+    kept = meta(batch, patches // 4, dtype=torch.int64) if keep else None
     w, b = meta(width, 3, patch, patch, dtype=weights), meta(width, dtype=weights)
-    pos, cls = meta(1, tokens, width, dtype=weights), meta(1, 1, width, dtype=weights)
+    pos, cls = meta(1, patches + 1, width, dtype=weights), meta(1, 1, width, dtype=weights)
     out = torch.promote_types(compute, weights)
-    patch_embed.patch_embed_fwd(x, w, b, pos, patch, cls, IMAGENET_MEAN, IMAGENET_STD, compute, out)
-    patch_embed.patch_embed_bwd(
-        x, meta(batch, tokens, width, dtype=out), patch, True, w.shape, IMAGENET_MEAN, IMAGENET_STD, compute
-    )
+    patch_embed.patch_embed_fwd(x, w, b, pos, patch, cls, IMAGENET_MEAN, IMAGENET_STD, compute, out, kept)
+    tokens = 1 + (patches // 4 if keep else patches)
+    dout = meta(batch, tokens, width, dtype=out)
+    patch_embed.patch_embed_bwd(x, dout, patch, True, w.shape, IMAGENET_MEAN, IMAGENET_STD, compute, kept)
 
 
 def gmml_step(batch: int, side: int) -> None:
@@ -99,6 +103,16 @@ CASES = [
         )
         for arch, (width, patch) in WIDTHS.items()
         for images, w, o in PATCH_INPUTS
+    ),
+    *(  # MAE's visible patches (its recipes: ViT-B/L/H, fp32 weights under bf16 autocast or bf16 weights)
+        (
+            f"patch_embed kept {arch} images={images} weights={str(w)[6:]} compute={str(o)[6:]}",
+            functools.partial(patch_embed_step, width, patch, images, w, o, keep=True),
+        )
+        for arch, (width, patch) in WIDTHS.items()
+        if arch != "vit_small"
+        for images, w, o in PATCH_INPUTS
+        if o != torch.float16 and w != torch.float16
     ),
     ("gmml rounds B=256 224px", functools.partial(gmml_step, 256, 224)),
     ("gmml rounds B=7 29px", functools.partial(gmml_step, 7, 29)),

@@ -188,7 +188,8 @@ class MAE(Method):
     @classmethod
     def step_flops(cls, cfg: Config, batch: int, keys: int) -> float:
         """The encoder on the class token and the kept patches, the decoder on all tokens, both forward and
-        backward (x3); the patch projection counted for every patch (the reference embeds them all)."""
+        backward (x3); the patch projection counted for every patch (the reference embeds them all, the fused
+        kernel the kept ones)."""
         spec, mae = ARCH_SPECS[cfg.model.arch], cfg.mae
         patches = (cfg.model.img_size // spec.patch_size) ** 2
         kept = int(patches * (1 - mae.mask_ratio))

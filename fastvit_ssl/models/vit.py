@@ -370,8 +370,9 @@ class VisionTransformer(nn.Module):
             nn.init.uniform_(proj.weight, -bound, bound)
             nn.init.zeros_(proj.bias)
 
-    def embed_tokens(self, images: torch.Tensor) -> torch.Tensor:
-        """-> [B, 1 + L, D]: patch projection, class token prepended, position embedding added.
+    def embed_tokens(self, images: torch.Tensor, keep: torch.Tensor | None = None) -> torch.Tensor:
+        """-> [B, 1 + L, D]: patch projection, class token prepended, position embedding added; with `keep` ([B, K]
+        patch indices) the class token and those patches only, [B, 1 + K, D] (the fused kernel embeds no other).
 
         images: [B, C, H, W] normalised float, or [B, H, W, C] uint8 as the loaders hand them over with
         data.uint8_views (normalised here with the pipelines' mean and std; inside the fused kernel when it is on).
@@ -392,12 +393,15 @@ class VisionTransformer(nn.Module):
                 self.cls_token,
                 mean=IMAGENET_MEAN,
                 std=IMAGENET_STD,
+                keep=keep,
             )
         if uint8:
             images = normalize_uint8(images).to(self.cls_token.dtype)
         x = self.patch_embed(images)
-        x = torch.cat([self.cls_token.expand(x.shape[0], -1, -1), x], dim=1)
-        return x + self.pos_embed
+        x = torch.cat([self.cls_token.expand(x.shape[0], -1, -1), x], dim=1) + self.pos_embed  # (B, 1 + L, D)
+        if keep is None:
+            return x
+        return torch.cat([x[:, :1], x[:, 1:].gather(1, keep[..., None].expand(-1, -1, x.shape[-1]))], dim=1)
 
     def forward_tokens(self, images: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
         """images (as embed_tokens takes them) -> [B, 1 + L, D] after all blocks (and the final norm for token
@@ -422,9 +426,7 @@ class VisionTransformer(nn.Module):
     def forward_visible(self, images: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
         """MAE's encoder: only the patches `keep` names ([B, K] indices, row-major) go through the blocks.
         -> [B, 1 + K, D]: the class token, then the kept patches in `keep`'s order, after the final norm."""
-        x = self.embed_tokens(images)  # (B, 1 + L, D), positions added
-        kept = x[:, 1:].gather(1, keep[..., None].expand(-1, -1, x.shape[-1]))  # (B, K, D)
-        return self.norm(self.run_blocks(torch.cat([x[:, :1], kept], dim=1)))
+        return self.norm(self.run_blocks(self.embed_tokens(images, keep)))
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         x = self.forward_tokens(images)

@@ -42,6 +42,27 @@ def test_fused_patch_embedding_gives_the_same_vit(micro_arch, uint8, device):
     )
 
 
+@pytest.mark.parametrize("uint8", [False, True], ids=["float-nchw", "uint8-nhwc"])
+def test_fused_visible_patch_embedding_gives_the_same_mae_encoder(micro_arch, uint8, device):
+    """MAE's encoder with the kernel that embeds only the kept patches equals the one that embeds all and gathers
+    (fp32 vs fp32 in another order: the bounds above)."""
+    torch.manual_seed(0)
+    mae = dict(frozen_patch_embed=False, pos_embed="sincos_cols_first", init="xavier_joint")
+    ref = vit.VisionTransformer("vit_micro", 14, **mae).to(device)
+    fused = vit.VisionTransformer("vit_micro", 14, **mae, patch_embed_fn=fused_ops()["patch_embed"])
+    fused.to(device).load_state_dict(ref.state_dict())
+    u = torch.randint(0, 256, (3, 14, 14, 3), dtype=torch.uint8, device=device)
+    x = vit.normalize_uint8(u) if uint8 else torch.randn(3, 3, 14, 14, device=device)
+    keep = torch.rand(3, 4).argsort(1)[:, :1].to(device)  # one of the 4 patches each, as 75% masking keeps
+    out, expected = fused.forward_visible(u if uint8 else x, keep), ref.forward_visible(x, keep)
+    torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
+    out.sum().backward()
+    expected.sum().backward()
+    torch.testing.assert_close(
+        fused.patch_embed.proj.weight.grad, ref.patch_embed.proj.weight.grad, rtol=1e-4, atol=1e-5
+    )
+
+
 def train(overrides, ops, device, steps=24):
     cfg = load(None, overrides)
     torch.manual_seed(0)

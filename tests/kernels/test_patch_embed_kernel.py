@@ -1,3 +1,5 @@
+import functools
+
 import pytest
 import torch
 
@@ -103,6 +105,53 @@ def test_the_shipped_gpu_configuration(target, shape, dtype, poisoned, device):
         assert_no_worse_than_torch(g, g64, g16)
 
 
+def kept(shape, seed: int, device) -> torch.Tensor:
+    """MAE-style visible patches: a random quarter (at least one) of each image's, in random order."""
+    B, _, H, P, _, _ = shape
+    L = (H // P) ** 2
+    noise = torch.rand(B, L, generator=torch.Generator().manual_seed(seed))
+    return noise.argsort(1)[:, : max(1, L // 4)].to(device)
+
+
+@pytest.mark.parametrize("shape", SHAPES, ids=str)
+def test_kept_patches_alone_match_float64(shape, poisoned, device):
+    """keep: only those patches are gathered and embedded, each with its own position row; the trained position
+    table (if any) gets each kept token's gradient at its patch's row. fp32 against fp64 as above."""
+    images, params = inputs(shape, seed=6, device=device)
+    keep = kept(shape, 6, device)
+    out, grads = forward_backward(functools.partial(patch_embed, keep=keep), images, params, shape[3])
+    params64 = [p.double() if p is not None else None for p in params]
+    out64, grads64 = forward_backward(
+        functools.partial(patch_embed_ref, keep=keep), images.double(), params64, shape[3]
+    )
+    assert out.shape == (shape[0], keep.shape[1] + shape[5], shape[4])
+    torch.testing.assert_close(out.double(), out64, rtol=1e-5, atol=1e-5)
+    for g, g64 in zip(grads, grads64):
+        torch.testing.assert_close(g.double(), g64, rtol=1e-5, atol=1e-4)
+
+
+@pytest.mark.parametrize("target", [A100, H100], ids=lambda t: f"sm_{t.arch}")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_kept_patches_in_the_shipped_gpu_configuration(target, dtype, poisoned, device):
+    shape = (14, 3, 48, 16, 200, True)  # 9 patches, 2 kept: 42 rows, ragged tiles
+    images, params = inputs(shape, dtype, seed=7, device=device)
+    keep, P = kept(shape, 7, device), shape[3]
+    fused, ref = functools.partial(patch_embed, keep=keep), functools.partial(patch_embed_ref, keep=keep)
+    with planning_for(target):
+        out, grads = forward_backward(fused, images, params, P)
+    params64 = [p.double() if p is not None else None for p in params]
+    out64, grads64 = forward_backward(ref, images.double(), params64, P, dtype)
+    if dtype == torch.float32:  # numerics.py
+        torch.testing.assert_close(out.double(), out64, rtol=1e-5, atol=1e-5)
+        for g, g64 in zip(grads, grads64):
+            torch.testing.assert_close(g.double(), g64, rtol=1e-5, atol=1e-4)
+        return
+    out16, grads16 = forward_backward(ref, images, params, P)
+    assert_no_worse_than_torch(out, out64, out16)
+    for g, g16, g64 in zip(grads, grads16, grads64):
+        assert_no_worse_than_torch(g, g64, g16)
+
+
 def test_uint8_nhwc_images_are_normalised_in_the_kernel(poisoned, device):
     g = torch.Generator().manual_seed(3)
     images = torch.randint(0, 256, (2, 16, 16, 3), dtype=torch.uint8, generator=g).to(device)  # as DALI gives them
@@ -114,6 +163,12 @@ def test_uint8_nhwc_images_are_normalised_in_the_kernel(poisoned, device):
         float_images.permute(0, 3, 1, 2), weight.double(), bias.double(), pos.double(), 4, cls.double()
     )
     torch.testing.assert_close(out.double(), expected, rtol=1e-5, atol=1e-4)  # fp32 vs fp64, inputs |x| < 2.7
+    keep = kept((2, 3, 16, 4, 24, True), 3, device)
+    out = patch_embed(images, weight, bias, pos, 4, cls, IMAGENET_MEAN, IMAGENET_STD, keep=keep)
+    rows = torch.cat([torch.zeros_like(keep[:, :1]), keep + 1], 1)  # the class token, then the kept patches
+    torch.testing.assert_close(
+        out.double(), expected.gather(1, rows[..., None].expand(-1, -1, 24)), rtol=1e-5, atol=1e-4
+    )
 
 
 def test_frozen_projection_does_no_backward_work(monkeypatch, device):
