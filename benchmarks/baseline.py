@@ -18,10 +18,17 @@ import torch
 from fastvit_ssl.config import Config
 from fastvit_ssl.engine.local import clip_gradients
 from fastvit_ssl.kernels.dispatch import REFERENCE_OPS
-from fastvit_ssl.methods.base import no_mark
+from fastvit_ssl.methods.base import method_class, no_mark
 from fastvit_ssl.methods.build import build_method
+from fastvit_ssl.optim.schedules import Hyperparameters, Schedules
 
 PINNED, MODERN = "explicit", "auto"  # model.attention of the two forms of the baseline
+
+
+def timed_hyperparameters(cfg: Config) -> Hyperparameters:
+    """What every timed step trains with, ours and the baseline: the config's schedules where the warm-up ends
+    (the peak lr, the method's own values there)."""
+    return Schedules(cfg, method_class(cfg.method.name), steps_per_epoch=1).at(int(cfg.optim.warmup_epochs))
 
 
 class OfficialStep:
@@ -38,7 +45,8 @@ class OfficialStep:
         wd = cfg.optim.weight_decay
         groups = [{"params": g["params"], "weight_decay": wd * g["wd_scale"]} for g in self.model.param_groups()]
         self.optimizer = torch.optim.AdamW(groups, lr=1e-4)
-        self.device, self.momentum = device, 0.99
+        self.hparams = timed_hyperparameters(cfg)
+        self.device, self.momentum = device, self.hparams.momentum
         dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.run.precision)
         autocast = dtype is not None and device.type != "meta"  # on meta, step_cost.py emulates autocast
         self.autocast = torch.autocast(device.type, dtype=dtype) if autocast else contextlib.nullcontext()
@@ -64,6 +72,7 @@ class OfficialStep:
         self.mark("data")
         with self.autocast:
             batch = self.model.prepare(views, step)
+            batch["hparams"] = self.hparams
             self.mark("prepare")
             outputs = self.model.online(*self.model.online_inputs(batch))
             self.mark("forward")

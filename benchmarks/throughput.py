@@ -30,7 +30,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
-from baseline import MODERN, PINNED, OfficialStep
+from baseline import MODERN, PINNED, OfficialStep, timed_hyperparameters
 
 from fastvit_ssl import distributed, runinfo
 from fastvit_ssl.config import DEFAULT_METHOD, Config, load
@@ -40,12 +40,10 @@ from fastvit_ssl.kernels.dispatch import select_ops
 from fastvit_ssl.methods.base import METHODS, PHASES, method_class, no_mark
 from fastvit_ssl.methods.build import build_method
 from fastvit_ssl.models.attention import AttentionUnavailable, check_available
-from fastvit_ssl.optim.schedules import Hyperparameters
 from fastvit_ssl.specs import ARCH_SPECS
 from rows import print_table, write_rows
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"  # each method's GPU recipe: Method.recipe
-HPARAMS = Hyperparameters(lr=1e-4, weight_decay=0.1, momentum=0.99)  # what every timed step trains with
 
 
 @dataclass(frozen=True)
@@ -102,6 +100,7 @@ class Ours:
         self.model = build_method(cfg, ops).to(device)
         self.engine = build_engine(cfg, self.model, device, ops)
         self.fused = ops.fused
+        self.hparams = timed_hyperparameters(cfg)
 
     @property
     def mark(self):
@@ -116,7 +115,7 @@ class Ours:
         return self.engine.optimizer
 
     def step(self, views: list[torch.Tensor], step: int) -> torch.Tensor:
-        return self.engine.step(views, step, HPARAMS)[0]["loss"]
+        return self.engine.step(views, step, self.hparams)[0]["loss"]
 
 
 class Bench:

@@ -18,7 +18,7 @@ import torch
 
 from fastvit_ssl.data.gmml import take_rounds_ref
 from fastvit_ssl.methods.ema import ema_update_ref_
-from fastvit_ssl.methods.losses import contrastive_loss_ref, linear_cross_entropy_ref
+from fastvit_ssl.methods.losses import contrastive_loss_ref, linear_cross_entropy_ref, prototype_cross_entropy_ref
 from fastvit_ssl.optim.lamb import LAMB
 from fastvit_ssl.optim.lars import LARS
 
@@ -33,6 +33,7 @@ KERNELS: dict[str, tuple[Callable | type | None, str]] = {
     "lamb": (LAMB, "lars_lamb:FusedLAMB"),
     "take_rounds": (take_rounds_ref, "gmml:take_rounds"),  # GMML's corruption rounds
     "lm_head_loss": (linear_cross_entropy_ref, "linear_ce:linear_cross_entropy"),  # a masked-token LM head's loss
+    "prototype_loss": (prototype_cross_entropy_ref, "prototype_ce:prototype_cross_entropy"),
 }
 
 

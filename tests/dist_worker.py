@@ -1,4 +1,4 @@
-"""Run by tests/test_distributed.py under torchrun: one step of a method (MoCo v3, SiT, MAE) on this rank's share
+"""Run by tests/test_distributed.py under torchrun: one step of a method (MoCo v3, SiT, MAE, DINO) on this rank's share
 of a fixed global batch (a method with one view takes the first), saving the loss and the gradients so the test can
 compare them with a single-process run. In float64: what is compared is the math of splitting the batch, not the
 rounding of fp32 sums taken in another order.
@@ -27,13 +27,17 @@ def one_step(out_path: str, overrides: list[str]) -> None:
     shard = slice(distributed.rank() * n, (distributed.rank() + 1) * n)
     engine = LocalEngine(model, torch.optim.SGD(model.parameters(), lr=0.0), torch.device("cpu"))
     loss = model.step_losses(
-        [x1[shard], x2[shard]], step=0, hparams=Hyperparameters(0.0, 0.0, 0.99), online=engine.online
+        [x1[shard], x2[shard]],
+        step=0,
+        hparams=Hyperparameters(0.0, 0.0, 0.99, {"teacher_temp": 0.04}),
+        online=engine.online,
     )["loss"]
     loss.backward()
     loss = distributed.all_reduce_mean(loss.detach())  # the global-batch loss is the mean over ranks
     grads = {name: p.grad for name, p in model.named_parameters() if p.grad is not None}
+    buffers = {name: b for name, b in model.named_buffers() if name == "center"}  # DINO's: over the global batch
     if distributed.is_main():
-        torch.save({"loss": loss, "grads": grads}, out_path)
+        torch.save({"loss": loss, "grads": grads, "buffers": buffers}, out_path)
 
 
 if __name__ == "__main__":

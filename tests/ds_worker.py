@@ -1,4 +1,4 @@
-"""Run by tests/test_deepspeed.py: a few MoCo v3 (and SiT, BEiT, MAE) steps on a fixed global batch with the
+"""Run by tests/test_deepspeed.py: a few MoCo v3 (and SiT, BEiT, MAE, DINO) steps on a fixed global batch with the
 DeepSpeed engine under torchrun (gloo, CPU), or with the local engine in one process as the reference. Rank 0
 saves, per experiment, the losses and the full fp32 weights of the trained network.
 
@@ -42,6 +42,9 @@ SIT = ["method.name=sit", "sit.dim=16", "sit.mlp_dim=32", "sit.drop_path=0", "si
 BEIT = [*BEIT_TINY, "beit.drop_path=0"]
 MAE = ["method.name=mae", "model.pos_embed=sincos_cols_first", "mae.decoder_dim=16", "mae.decoder_depth=1"]
 MAE += ["mae.decoder_heads=2"]
+# DINO on its two global crops, without drop path (per rank)
+DINO = ["method.name=dino", "model.pos_embed=learned", "dino.local_crops=0", "dino.drop_path=0", "dino.out_dim=64"]
+DINO += ["dino.hidden_dim=32", "dino.bottleneck_dim=16"]
 
 
 def beit_tokenizer(folder: Path) -> str:
@@ -98,8 +101,11 @@ def make_engine(kind: str, optimizer: str, stage: int, layout: bool = True, prec
     return engine, cfg
 
 
+OWN = {"teacher_temp": 0.04, "last_layer": 1.0}  # the values the methods' own schedules take here (DINO's)
+
+
 def hparams(optimizer: str) -> Hyperparameters:
-    return Hyperparameters(LR[optimizer], WEIGHT_DECAY, momentum=0.99)
+    return Hyperparameters(LR[optimizer], WEIGHT_DECAY, momentum=0.99, values=OWN)
 
 
 def train(engine, optimizer: str, steps=range(STEPS)) -> list[float]:
@@ -127,6 +133,9 @@ def experiments(kind: str, tmp: Path) -> dict:
     for stage in [2, 3] if kind == "deepspeed" else [0]:
         engine, _ = make_engine(kind, "lars", stage, extra=MAE)
         results[f"mae-zero{stage}"] = {"losses": train(engine, "lars", range(2)), "weights": full_weights(engine)}
+    for stage in [2, 3] if kind == "deepspeed" else [0]:
+        engine, _ = make_engine(kind, "lars", stage, extra=DINO)
+        results[f"dino-zero{stage}"] = {"losses": train(engine, "lars", range(2)), "weights": full_weights(engine)}
     for stage in [2, 3] if kind == "deepspeed" else []:  # compiled blocks, to compare with lars-zero2/3
         engine, _ = make_engine(kind, "lars", stage, extra=["model.compile=true"])
         results[f"lars-zero{stage}-compiled"] = {

@@ -29,7 +29,7 @@ def run_script(name: str, args: list[str], out: Path) -> list[dict]:
         return list(csv.DictReader(f))
 
 
-@pytest.mark.parametrize("method", ["mocov3", "sit", "beit", "mae"])
+@pytest.mark.parametrize("method", ["mocov3", "sit", "beit", "mae", "dino"])
 def test_throughput_compares_ours_on_uint8_views_with_the_baseline(tmp_path, method):
     args = ["--compare", "--arch", "vit_demo", "--img-size", "28", "--batch", "8", "--steps", "1", "--uint8-views"]
     rows = run_script("throughput.py", [*args, "--method", method], tmp_path / "throughput.csv")

@@ -19,6 +19,9 @@ METHODS = {
     # MAE: each image's mask comes from the global batch's noise; every image removes 3 of its 4 patches
     "mae": ["method.name=mae", "model.pos_embed=sincos_cols_first", "model.frozen_patch_embed=false"]
     + ["mae.decoder_dim=16", "mae.decoder_depth=1", "mae.decoder_heads=2"],
+    # DINO: its two global crops, no drop path (random per rank); the centre moves by the global batch's mean
+    "dino": ["method.name=dino", "model.pos_embed=learned", "model.init=trunc_normal", "dino.local_crops=0"]
+    + ["dino.out_dim=64", "dino.hidden_dim=32", "dino.bottleneck_dim=16", "dino.drop_path=0"],
 }
 
 
@@ -43,6 +46,8 @@ def test_two_processes_equal_one_process(tmp_path, method):
     scale = max(g.abs().max() for g in one["grads"].values())
     for name, grad in one["grads"].items():  # measured: 2.7e-15 (MoCo), 3.7e-15 (SiT)
         torch.testing.assert_close(two["grads"][name], grad, rtol=0, atol=1e-12 * scale, msg=name)
+    for name, buffer in one["buffers"].items():  # a sum of 8 against 2 x 4 in float64
+        torch.testing.assert_close(two["buffers"][name], buffer, rtol=1e-12, atol=1e-15, msg=name)
 
 
 @pytest.mark.parametrize("method", ["sit", "beit"])

@@ -126,8 +126,11 @@ def test_conv_stem_batch_norm_is_batch_norm_and_runs_on_deepspeed_bf16_storage()
 
 def test_wrong_image_size_is_a_clear_error():
     model = VisionTransformer("vit_demo", 14)
-    with pytest.raises(ValueError, match="expected 14x14 images \\(\\[B, C, H, W\\]\\), got shape \\(1, 3, 28, 28\\)"):
-        model(torch.randn(1, 3, 28, 28))
+    with pytest.raises(ValueError, match="square images of a multiple of 7 px .*, got shape \\(1, 3, 14, 21\\)"):
+        model(torch.randn(1, 3, 14, 21))
+    assert model(torch.randn(1, 3, 28, 28)).shape == (1, 192)  # other sizes: interpolated positions (DINO's crops)
+    with pytest.raises(ValueError, match="14x14 with a relative position bias"):
+        VisionTransformer("vit_demo", 14, rel_pos_bias="shared", pos_embed="none")(torch.randn(1, 3, 28, 28))
     with pytest.raises(ValueError, match="uint8"):
         model(torch.zeros(1, 3, 14, 14, dtype=torch.uint8))  # uint8 comes channels-last
     with pytest.raises(ValueError, match="not a multiple"):

@@ -10,7 +10,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 from fastvit_ssl import checkpoint, distributed
 from fastvit_ssl.methods.base import Method, no_mark
-from fastvit_ssl.optim.schedules import Hyperparameters, set_hyperparameters
+from fastvit_ssl.optim.schedules import Hyperparameters, frozen_parameters, set_hyperparameters
 
 
 class LocalEngine:
@@ -67,6 +67,8 @@ class LocalEngine:
         if self.scaler is not None:
             self.scaler.unscale_(self.optimizer)  # norms, clipping and the update see the true gradients
         grad_norm, layer_norms = self.grad_norms(self.clip_grad, self.clip_mode)
+        for p in frozen_parameters(self.optimizer, hparams):
+            p.grad = None
         finite = bool(torch.isfinite(loss) & torch.isfinite(grad_norm))  # one device sync per step
         if finite:
             self.optimizer.step()

@@ -1,5 +1,6 @@
-"""The losses in plain PyTorch, the specifications the fused kernels are tested against: MoCo v3's contrastive loss
-and the cross-entropy of an LM head (BEiT's masked visual tokens)."""
+"""The losses in plain PyTorch, the specifications the fused kernels are tested against: MoCo v3's contrastive loss,
+the cross-entropy of an LM head (BEiT's masked visual tokens) and DINO's cross-entropy between prototype
+distributions."""
 
 from __future__ import annotations
 
@@ -49,3 +50,25 @@ def linear_cross_entropy_ref(
     if reduction == "sum":
         return losses.sum()
     return losses.sum() / (target != ignore_index).sum().clamp_min(1)
+
+
+def prototype_cross_entropy_ref(
+    student: torch.Tensor,
+    teacher: torch.Tensor,
+    center: torch.Tensor,
+    student_temp: float,
+    teacher_temp: float,
+    global_crops: int = 2,
+) -> torch.Tensor:
+    """DINO's loss: the mean over (teacher crop i, student crop v != i) pairs of the batch mean of
+    CE(softmax((teacher_i - center) / teacher_temp), log_softmax(student_v / student_temp)), in fp32 or wider.
+
+    student: [V * B, K] prototype logits of V crops, crop-major (rows v * B ... v * B + B - 1 are crop v); teacher:
+    [global_crops * B, K] logits of the first crops (the global ones), no gradient; center: [1, K].
+    """
+    wide = torch.promote_types(student.dtype, torch.float32)
+    B = teacher.shape[0] // global_crops
+    log_p = F.log_softmax(student.to(wide) / student_temp, dim=-1).split(B)  # V x (B, K)
+    q = F.softmax((teacher.to(wide) - center.to(wide)) / teacher_temp, dim=-1).detach().split(B)  # G x (B, K)
+    terms = [(-q[i] * log_p[v]).sum(-1).mean() for i in range(len(q)) for v in range(len(log_p)) if v != i]
+    return torch.stack(terms).mean()

@@ -378,17 +378,23 @@ class VisionTransformer(nn.Module):
         data.uint8_views (normalised here with the pipelines' mean and std; inside the fused kernel when it is on).
         """
         uint8 = images.dtype == torch.uint8
-        size = self.patch_embed.img_size
-        if (images.shape[1:3] if uint8 else images.shape[-2:]) != (size, size):
+        height, width = images.shape[1:3] if uint8 else images.shape[-2:]
+        patch = self.patch_embed.patch_size
+        if height != width or height % patch or (height != self.patch_embed.img_size and self.rel_pos_bias is not None):
             layout = "[B, H, W, C] uint8" if uint8 else "[B, C, H, W]"
-            raise ValueError(f"expected {size}x{size} images ({layout}), got shape {tuple(images.shape)}")
+            size = self.patch_embed.img_size
+            raise ValueError(
+                f"expected square images of a multiple of {patch} px ({size}x{size} with a relative position bias; "
+                f"{layout}), got shape {tuple(images.shape)}"
+            )
+        positions = self.positions(height // patch)
         if self.patch_embed_fn is not None:
             proj = self.patch_embed.proj
             return self.patch_embed_fn(
                 images,
                 proj.weight,
                 proj.bias,
-                self.pos_embed,
+                positions,
                 self.patch_embed.patch_size,
                 self.cls_token,
                 mean=IMAGENET_MEAN,
@@ -398,10 +404,21 @@ class VisionTransformer(nn.Module):
         if uint8:
             images = normalize_uint8(images).to(self.cls_token.dtype)
         x = self.patch_embed(images)
-        x = torch.cat([self.cls_token.expand(x.shape[0], -1, -1), x], dim=1) + self.pos_embed  # (B, 1 + L, D)
+        x = torch.cat([self.cls_token.expand(x.shape[0], -1, -1), x], dim=1) + positions  # (B, 1 + L, D)
         if keep is None:
             return x
         return torch.cat([x[:, :1], x[:, 1:].gather(1, keep[..., None].expand(-1, -1, x.shape[-1]))], dim=1)
+
+    def positions(self, grid: int) -> torch.Tensor:
+        """The position table for a grid x grid patch image, [1, 1 + grid^2, D]: the model's own, or for another
+        size (DINO's 96 px local crops) its patch rows resized bicubically as DINO's interpolate_pos_encoding does
+        (the scale factor (grid + 0.1) / model grid, which torch's interpolate uses for the sampling positions)."""
+        if grid == self.grid:
+            return self.pos_embed
+        table = self.pos_embed[:, 1:].reshape(1, self.grid, self.grid, -1).permute(0, 3, 1, 2)  # (1, D, g, g)
+        scale = (grid + 0.1) / self.grid
+        table = F.interpolate(table, scale_factor=(scale, scale), mode="bicubic")  # (1, D, grid, grid)
+        return torch.cat([self.pos_embed[:, :1], table.permute(0, 2, 3, 1).reshape(1, grid * grid, -1)], dim=1)
 
     def forward_tokens(self, images: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
         """images (as embed_tokens takes them) -> [B, 1 + L, D] after all blocks (and the final norm for token

@@ -87,10 +87,24 @@ class Schedules:
 
 
 def set_hyperparameters(optimizer: torch.optim.Optimizer, hparams: Hyperparameters) -> None:
-    """The step's lr and weight decay into every group, times the group's multipliers (Method.param_groups)."""
+    """The step's lr and weight decay into every group, times the group's multipliers (Method.param_groups) and
+    the value of the group's own schedule, if it names one ("schedule": e.g. DINO's last layer, 0 while frozen)."""
     for group in optimizer.param_groups:
-        group["lr"] = hparams.lr * group.get("lr_scale", 1.0)
+        group["lr"] = hparams.lr * group.get("lr_scale", 1.0) * own_schedule(group, hparams)
         group["weight_decay"] = hparams.weight_decay * wd_scale(group)
+
+
+def own_schedule(group: dict, hparams: Hyperparameters) -> float:
+    return hparams.values[group["schedule"]] if group.get("schedule") else 1.0
+
+
+def frozen_parameters(optimizer: torch.optim.Optimizer, hparams: Hyperparameters) -> list[torch.Tensor]:
+    """The parameters of the groups whose own schedule is 0 at this step. The local engine drops their gradients
+    after clipping, so the optimizer skips them entirely, its moments included (DINO's cancel_gradients_last_layer);
+    under DeepSpeed their lr of 0 leaves the weights unchanged."""
+    return [
+        p for g in optimizer.param_groups if g.get("schedule") and own_schedule(g, hparams) == 0 for p in g["params"]
+    ]
 
 
 def wd_scale(group: dict) -> float:
