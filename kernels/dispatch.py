@@ -33,7 +33,7 @@ KERNELS: dict[str, tuple[Callable | type | None, str]] = {
     "lamb": (LAMB, "lars_lamb:FusedLAMB"),
     "take_rounds": (take_rounds_ref, "gmml:take_rounds"),  # GMML's corruption rounds
     "lm_head_loss": (linear_cross_entropy_ref, "linear_ce:linear_cross_entropy"),  # a masked-token LM head's loss
-    "prototype_loss": (prototype_cross_entropy_ref, "prototype_ce:prototype_cross_entropy"),
+    "prototype_loss": (prototype_cross_entropy_ref, "prototype_ce:prototype_cross_entropy"),  # DINO's loss
 }
 
 

@@ -6,7 +6,8 @@ Sizes: ViT-S/B/L/H widths 384/768/1024/1280 with patches of 16 (ViT-H: 14) on 22
 256; MoCo v3's contrastive loss at D = 256 (and the demo's 128) with up to 4,096 queries per rank against 65,536
 keys gathered from 16 ranks, plus a ragged size that defeats the 16-divisibility specialisation; SiT's GMML
 rounds on a batch of 256 at 224 px; BEiT-B's LM head (8,192 visual tokens) on a chunk of its 256 x 75 masked tokens
-(linear_ce.chunk_rows: 1,746 rows at D = 768), and a ragged vocabulary.
+(linear_ce.chunk_rows: 1,746 rows at D = 768), and a ragged vocabulary; DINO's prototype loss at its recipe's
+2 global + 8 local crops of 64 images per GPU over 65,536 prototypes, and a ragged size.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ import torch
 
 from fastvit_ssl.data import gmml as gmml_ref
 from fastvit_ssl.data.augment import IMAGENET_MEAN, IMAGENET_STD
-from fastvit_ssl.kernels import contrastive, ema, gmml, lars_lamb, linear_ce, patch_embed
+from fastvit_ssl.kernels import contrastive, ema, gmml, lars_lamb, linear_ce, patch_embed, prototype_ce
 
 FLOATS = (torch.float32, torch.bfloat16, torch.float16)
 WIDTHS = {"vit_small": (384, 16), "vit_base": (768, 16), "vit_large": (1024, 16), "vit_huge": (1280, 14)}
@@ -62,6 +63,14 @@ def gmml_step(batch: int, side: int) -> None:
 
 def lm_head_step(rows: int, vocab: int, dtype: torch.dtype) -> None:
     linear_ce.ce_rows_(meta(rows, vocab, dtype=dtype), meta(rows, dtype=torch.int64), -100)
+
+
+def prototype_step(crops: int, batch: int, prototypes: int, dtype: torch.dtype) -> None:
+    """Forward and student gradient: the head's logits in `dtype` for student and teacher, DINO's fp32 centre."""
+    student, teacher = meta(crops * batch, prototypes, dtype=dtype), meta(2 * batch, prototypes, dtype=dtype)
+    center = meta(1, prototypes)
+    _, lse_s, lse_t = prototype_ce.prototype_ce_fwd(student, teacher, center, 0.1, 0.04, 2)
+    prototype_ce.prototype_ce_bwd(student, teacher, center, lse_s, lse_t, meta(()), 0.1, 0.04, 2)
 
 
 def ema_step(ema_dtype: torch.dtype, param_dtype: torch.dtype) -> None:
@@ -119,6 +128,16 @@ CASES = [
     *(
         (f"lm_head {str(dtype)[6:]} rows={rows} V={vocab}", functools.partial(lm_head_step, rows, vocab, dtype))
         for dtype, rows, vocab in [*((dtype, 1746, 8192) for dtype in FLOATS), (torch.bfloat16, 999, 1000)]
+    ),
+    *(
+        (
+            f"prototype_loss {str(dtype)[6:]} V={crops} B={batch} K={prototypes}",
+            functools.partial(prototype_step, crops, batch, prototypes, dtype),
+        )
+        for dtype, crops, batch, prototypes in [
+            *((dtype, 10, 64, 65536) for dtype in FLOATS),
+            (torch.bfloat16, 4, 7, 1000),
+        ]
     ),
     *(
         (f"ema {str(e)[6:]} <- {str(p)[6:]}", functools.partial(ema_step, e, p))
