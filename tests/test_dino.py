@@ -192,3 +192,25 @@ def test_wrong_dino_settings_are_refused(override, message):
     with pytest.raises(ConfigError, match=None) as error:
         load(None, [*DINO_TINY, *DEMO_28, override])
     assert message in str(error.value)
+
+
+@pytest.mark.parametrize("backend", ["torch", "dali"])
+def test_both_pipelines_make_the_multi_crop_batch(dataset_root, backend):
+    """Crops of two sizes from one image list, each pipeline: 2 global 28 px, 2 local 14 px views per image."""
+    from fastvit_ssl.data.folder import scan_image_folder
+
+    samples, _ = scan_image_folder(dataset_root / "train")
+    views = DINO.views(load(None, [*DINO_TINY, *DEMO_28]))
+    if backend == "dali":
+        pytest.importorskip("nvidia.dali")
+        from fastvit_ssl.data.dali import DaliViewLoader
+
+        loader = DaliViewLoader(samples, views, 8, seed=0, num_threads=1, device=torch.device("cpu"))
+    else:
+        from fastvit_ssl.data.torch_pipeline import TorchViewLoader
+
+        loader = TorchViewLoader(samples, views, 8, 0, 1, seed=0, num_workers=0)
+    loader.start(0)
+    batch = next(iter(loader)).views
+    assert [tuple(v.shape) for v in batch] == [(8, 3, 28, 28)] * 2 + [(8, 3, 14, 14)] * 2
+    assert not torch.equal(batch[2], batch[3])  # two draws of the local crop

@@ -64,6 +64,11 @@ def cosine(start: float, end: float, total_steps: int) -> np.ndarray:
     return end + (start - end) * 0.5 * (1.0 + np.cos(math.pi * steps / total_steps))
 
 
+def momentum_schedule(start: float, rising: bool, total_steps: int) -> np.ndarray:
+    """An EMA's momentum per iteration: `start` rising to 1 on the half-cosine (MoCo v3, SiT, DINO), or constant."""
+    return cosine(start, 1.0, total_steps) if rising else np.full(total_steps, start)
+
+
 def weight_decay_groups(module: nn.Module, exempt: tuple[str, ...] = ()) -> list[dict]:
     """The trained parameters of `module` in two groups: with weight decay, and without it for biases, 1-D tensors
     and parameters whose last name is in `exempt` (the official codes of DINO, SiT, BEiT and MAE)."""

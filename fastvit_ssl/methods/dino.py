@@ -24,7 +24,7 @@ from torch import nn
 from fastvit_ssl import distributed
 from fastvit_ssl.config import Config, check
 from fastvit_ssl.data.augment import ViewAugment
-from fastvit_ssl.methods.base import Method, cosine, register, weight_decay_groups
+from fastvit_ssl.methods.base import Method, momentum_schedule, register, weight_decay_groups
 from fastvit_ssl.methods.ema import ema_update_ref_
 from fastvit_ssl.methods.losses import prototype_cross_entropy_ref
 from fastvit_ssl.models.build import build_encoder
@@ -208,7 +208,7 @@ class DINO(Method):
         warmup = np.linspace(d.warmup_teacher_temp, d.teacher_temp, d.warmup_teacher_temp_epochs)
         per_epoch = np.concatenate([warmup, np.full(cfg.optim.epochs - d.warmup_teacher_temp_epochs, d.teacher_temp)])
         return {
-            "momentum": cosine(d.momentum, 1.0, total_steps),
+            "momentum": momentum_schedule(d.momentum, True, total_steps),
             "teacher_temp": per_epoch[epoch],
             "last_layer": (epoch >= d.freeze_last_layer_epochs).astype(np.float64),
         }

@@ -22,7 +22,7 @@ from torch import nn
 from fastvit_ssl.checkpoint import CheckpointError
 from fastvit_ssl.config import Config, check, check_contrastive_dim, load, register_alias
 from fastvit_ssl.data.augment import moco_v3_views
-from fastvit_ssl.methods.base import Method, cosine, register
+from fastvit_ssl.methods.base import Method, momentum_schedule, register
 from fastvit_ssl.methods.ema import ema_update_ref_
 from fastvit_ssl.methods.losses import contrastive_across_ranks, contrastive_loss_ref
 from fastvit_ssl.models.build import build_encoder
@@ -142,9 +142,7 @@ class MoCoV3(Method):
     @classmethod
     def schedules(cls, cfg: Config, total_steps: int) -> dict[str, np.ndarray]:
         """m = 1 - (1 - m0) (1 + cos(pi t / T)) / 2 per iteration: m0 at the start, 1 at the end (or constant)."""
-        m0 = cfg.moco.momentum
-        momentum = cosine(m0, 1.0, total_steps) if cfg.moco.momentum_cosine else np.full(total_steps, m0)
-        return {"momentum": momentum}
+        return {"momentum": momentum_schedule(cfg.moco.momentum, cfg.moco.momentum_cosine, total_steps)}
 
     @classmethod
     def benchmark_overrides(cls, arch: str, img_size: int) -> list[str]:

@@ -24,7 +24,7 @@ from fastvit_ssl import distributed
 from fastvit_ssl.config import Config, check, check_contrastive_dim
 from fastvit_ssl.data.augment import moco_v3_views
 from fastvit_ssl.data.gmml import Draws, corrupt, generator, replace_from_batch, take_rounds_ref
-from fastvit_ssl.methods.base import Method, cosine, register, weight_decay_groups
+from fastvit_ssl.methods.base import Method, momentum_schedule, register, weight_decay_groups
 from fastvit_ssl.methods.ema import ema_update_ref_
 from fastvit_ssl.methods.losses import contrastive_across_ranks, contrastive_loss_ref
 from fastvit_ssl.models.build import build_encoder
@@ -145,8 +145,7 @@ class SiT(Method):
     @classmethod
     def schedules(cls, cfg: Config, total_steps: int) -> dict[str, np.ndarray]:
         """The teacher's momentum: its cosine_scheduler(m, 1), per iteration (or constant)."""
-        m0 = cfg.sit.momentum
-        return {"momentum": cosine(m0, 1.0, total_steps) if cfg.sit.momentum_cosine else np.full(total_steps, m0)}
+        return {"momentum": momentum_schedule(cfg.sit.momentum, cfg.sit.momentum_cosine, total_steps)}
 
     @classmethod
     def benchmark_overrides(cls, arch: str, img_size: int) -> list[str]:

@@ -88,18 +88,22 @@ def test_the_shipped_gpu_configuration(target, shape, dtype, poisoned, device):
     """The tiles a launch on that GPU uses, run through the interpreter: ragged row, feature and pixel tiles
     (140 and 35 rows, D = 200 and 100, K = 768 and 588) and the row splits of the weight gradient."""
     images, params = inputs(shape, dtype, seed=4, device=device)
-    P = shape[3]
+    check_on_target(patch_embed, patch_embed_ref, images, params, shape[3], dtype, target)
+
+
+def check_on_target(fused, reference, images, params, P, dtype, target):
+    """The fused forward and backward at `target`'s launch tiles against float64: fp32 by numerics.py's bounds,
+    bf16 no worse than torch's bf16."""
     with planning_for(target):
-        out, grads = forward_backward(patch_embed, images, params, P)
-    out64, grads64 = forward_backward(
-        patch_embed_ref, images.double(), [p.double() if p is not None else None for p in params], P, dtype
-    )
+        out, grads = forward_backward(fused, images, params, P)
+    params64 = [p.double() if p is not None else None for p in params]
+    out64, grads64 = forward_backward(reference, images.double(), params64, P, dtype)
     if dtype == torch.float32:  # numerics.py
         torch.testing.assert_close(out.double(), out64, rtol=1e-5, atol=1e-5)
         for g, g64 in zip(grads, grads64):
             torch.testing.assert_close(g.double(), g64, rtol=1e-5, atol=1e-4)
         return
-    out16, grads16 = forward_backward(patch_embed_ref, images, params, P)
+    out16, grads16 = forward_backward(reference, images, params, P)
     assert_no_worse_than_torch(out, out64, out16)
     for g, g16, g64 in zip(grads, grads16, grads64):
         assert_no_worse_than_torch(g, g64, g16)
@@ -135,21 +139,9 @@ def test_kept_patches_alone_match_float64(shape, poisoned, device):
 def test_kept_patches_in_the_shipped_gpu_configuration(target, dtype, poisoned, device):
     shape = (14, 3, 48, 16, 200, True)  # 9 patches, 2 kept: 42 rows, ragged tiles
     images, params = inputs(shape, dtype, seed=7, device=device)
-    keep, P = kept(shape, 7, device), shape[3]
+    keep = kept(shape, 7, device)
     fused, ref = functools.partial(patch_embed, keep=keep), functools.partial(patch_embed_ref, keep=keep)
-    with planning_for(target):
-        out, grads = forward_backward(fused, images, params, P)
-    params64 = [p.double() if p is not None else None for p in params]
-    out64, grads64 = forward_backward(ref, images.double(), params64, P, dtype)
-    if dtype == torch.float32:  # numerics.py
-        torch.testing.assert_close(out.double(), out64, rtol=1e-5, atol=1e-5)
-        for g, g64 in zip(grads, grads64):
-            torch.testing.assert_close(g.double(), g64, rtol=1e-5, atol=1e-4)
-        return
-    out16, grads16 = forward_backward(ref, images, params, P)
-    assert_no_worse_than_torch(out, out64, out16)
-    for g, g16, g64 in zip(grads, grads16, grads64):
-        assert_no_worse_than_torch(g, g64, g16)
+    check_on_target(fused, ref, images, params, shape[3], dtype, target)
 
 
 def test_uint8_nhwc_images_are_normalised_in_the_kernel(poisoned, device):
