@@ -125,20 +125,19 @@ class Bench:
     def __init__(self, setup: Setup, device: torch.device):
         self.setup, self.device, self.cfg = setup, device, config(setup)
         self.impl = OfficialStep(self.cfg, device) if setup.baseline else Ours(self.cfg, device)
-        S = setup.img_size
+        views = method_class(setup.method).views(self.cfg)  # the method's views: their number and sizes
         self.views = [
-            torch.randint(0, 256, (setup.batch, S, S, 3), dtype=torch.uint8, device=device)
+            torch.randint(0, 256, (setup.batch, v.size, v.size, 3), dtype=torch.uint8, device=device)
             if self.cfg.data.uint8_views
-            else torch.randn(setup.batch, 3, S, S, device=device)
-            for _ in range(2)
+            else torch.randn(setup.batch, 3, v.size, v.size, device=device)
+            for v in views
         ]
         self.batches = None
         if setup.data is not None:
-            views = method_class(setup.method).views(self.cfg)
             self.batches = endless_batches(build_train_data(self.cfg, setup.data, device, views)[0])
 
     def step(self) -> None:
-        views = [v.clone() for v in self.views] if self.batches is None else next(self.batches).views[:2]
+        views = [v.clone() for v in self.views] if self.batches is None else next(self.batches).views
         self.impl.step(views, 0)
 
     def phase_times(self, reps: int) -> dict[str, float]:
