@@ -74,7 +74,8 @@ def train(overrides, ops, device, steps=24):
         noise = torch.randn(2, 8, 3, 14, 14, generator=torch.Generator().manual_seed(step))
         views = (images + 0.3 * noise).to(device)
         lr = 0.05 if cfg.optim.name == "lars" else 2e-3
-        metrics, _ = engine.step(list(views), step, Hyperparameters(lr, cfg.optim.weight_decay, momentum=0.99))
+        hparams = Hyperparameters(lr, cfg.optim.weight_decay, 0.99, {"teacher_temp": 0.04, "last_layer": 1.0})
+        metrics, _ = engine.step(list(views), step, hparams)
         losses.append(metrics["loss"])
     return torch.stack(losses)
 
@@ -90,6 +91,17 @@ def test_training_with_fused_kernels_follows_the_reference(micro_arch, optimizer
     assert ref_losses[-4:].mean() < ref_losses[:4].mean() - 0.1  # it does learn (measured: 2.2 -> 0.5)
     # The kernels sum in other orders than torch: a few ulps per op, carried by 24 steps whose updates are smooth
     # in the gradient; measured up to 4e-6 (~35 ulps) apart. ~800 ulps allowed; a wrong kernel moves them by > 1e-2.
+    torch.testing.assert_close(fused_losses, ref_losses, rtol=1e-4, atol=0)
+
+
+def test_dino_trains_with_its_fused_loss_as_with_the_reference(micro_arch, device):
+    """The fused prototype loss inside DINO's step (its centre moves in place after each loss), LARS, 8 steps of
+    the two global crops: the bounds of the test above."""
+    dino = ["method.name=dino", "model.pos_embed=learned", "dino.local_crops=0", "dino.drop_path=0"]
+    small = ["dino.out_dim=300", "dino.hidden_dim=32", "dino.bottleneck_dim=16"]
+    overrides = [*micro_arch, *dino, *small, "optim.name=lars", "model.frozen_patch_embed=false"]
+    ref_losses = train(overrides, REFERENCE_OPS, device, steps=8)
+    fused_losses = train(overrides, fused_ops(), device, steps=8)
     torch.testing.assert_close(fused_losses, ref_losses, rtol=1e-4, atol=0)
 
 
