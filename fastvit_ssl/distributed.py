@@ -7,11 +7,14 @@ import gc
 import logging
 import os
 import socket
+import time
+import uuid
 
 import torch
 import torch.distributed as dist
 
 log = logging.getLogger(__name__)
+GENERATION = "fastvit_ssl/generation"  # the store keys under which each attempt forms its group
 
 
 def is_initialized() -> bool:
@@ -31,14 +34,52 @@ def is_main() -> bool:
 
 
 def init_from_env(device: torch.device, timeout_s: float = 600.0) -> None:
-    """Join the process group that torchrun / the deepspeed launcher describe in the environment, if any."""
+    """Join the process group that torchrun / the deepspeed launcher / Slurm describe in the environment, if any, in
+    a namespace of the launcher's store that no earlier attempt of the job used (`_open_generation`), so a group
+    restarted by torchrun --max-restarts forms again."""
     if int(os.environ.get("WORLD_SIZE", "1")) <= 1 or is_initialized():
         return
     backend = "nccl" if device.type == "cuda" else "gloo"
     if device.type == "cuda":
+        # a collective that fails or times out ends the process instead of leaving it hung (torchrun sets it too)
+        os.environ.setdefault("TORCH_NCCL_ASYNC_ERROR_HANDLING", "1")
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
-    dist.init_process_group(backend, timeout=datetime.timedelta(seconds=timeout_s))
-    log.info("joined process group: rank %d of %d (%s)", rank(), world_size(), backend)
+    timeout = datetime.timedelta(seconds=timeout_s)
+    store, rank_, world = next(dist.rendezvous("env://", timeout=timeout))
+    generation = _open_generation(store, rank_, world, timeout)
+    store = dist.PrefixStore(f"{GENERATION}/{generation}", store)
+    dist.init_process_group(backend, store=store, rank=rank_, world_size=world, timeout=timeout)
+    log.info("joined process group: rank %d of %d (%s, generation %s)", rank(), world_size(), backend, generation)
+
+
+def _open_generation(store: dist.Store, rank_: int, world: int, timeout: datetime.timedelta) -> str:
+    """A key prefix that all ranks of this attempt agree on and no earlier attempt used.
+
+    Why: torchrun's agent keeps its store across the restarts of its workers (static and c10d rendezvous alike),
+    and init_process_group writes the same keys into it every time, so a restarted rank can read the dead attempt's
+    gloo addresses (connection refused, or a hang until the timeout). TORCHELASTIC_RESTART_COUNT is no key either:
+    each agent counts its own restarts, and c10d restarts a node's healthy workers for a new round without counting.
+    So rank 0 draws a new generation from a counter in the store and answers each rank's nonce under it; a rank
+    that read an older generation gets no answer there and follows the newer one when it appears."""
+    if rank_ == 0:
+        generation = str(store.add(f"{GENERATION}/counter", 1))
+        store.set(f"{GENERATION}/current", generation)
+        hellos = [f"{GENERATION}/{generation}/hello/{r}" for r in range(1, world)]
+        store.wait(hellos, timeout)
+        store.multi_set([h.replace("/hello/", "/welcome/") for h in hellos], store.multi_get(hellos))
+        return generation
+    nonce, generation = uuid.uuid4().hex.encode(), None
+    deadline = time.monotonic() + timeout.total_seconds()
+    while time.monotonic() < deadline:
+        current = store.get(f"{GENERATION}/current").decode()  # waits for the first rank 0 to set it
+        if current != generation:
+            generation = current
+            store.set(f"{GENERATION}/{generation}/hello/{rank_}", nonce)
+        welcome = f"{GENERATION}/{generation}/welcome/{rank_}"
+        if store.check([welcome]) and store.get(welcome) == nonce:
+            return generation
+        time.sleep(0.05)
+    raise RuntimeError(f"rank {rank_}: rank 0 did not open the process group within {timeout.total_seconds():g} s")
 
 
 def init_single_process(device: torch.device) -> None:
