@@ -214,3 +214,10 @@ def test_both_pipelines_make_the_multi_crop_batch(dataset_root, backend):
     batch = next(iter(loader)).views
     assert [tuple(v.shape) for v in batch] == [(8, 3, 28, 28)] * 2 + [(8, 3, 14, 14)] * 2
     assert not torch.equal(batch[2], batch[3])  # two draws of the local crop
+
+
+def test_a_dino_run_exports_its_encoder(tiny_overrides, tmp_path):
+    from test_mae import exported_features_match
+
+    overrides = [*tiny_overrides, *DINO_TINY, "model.img_size=28", "dino.local_size=14", "run.stop_at_step=1"]
+    exported_features_match(Path(train.main(overrides)["run_dir"]), tmp_path)

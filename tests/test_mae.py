@@ -175,3 +175,23 @@ def test_wrong_mae_settings_are_refused(override, message):
     with pytest.raises(ConfigError, match=None) as error:
         load(None, [*MAE_TINY, *DEMO_28, override])
     assert message in str(error.value)
+
+
+def exported_features_match(run_dir: Path, tmp_path: Path) -> None:
+    """export writes the backbone in timm's layout; read back into a fresh ViT it gives the run's features (fp64)."""
+    from safetensors.torch import load_file
+
+    from fastvit_ssl.eval import export
+    from fastvit_ssl.eval.encoder import load_encoder
+
+    out = export.export(run_dir, tmp_path / "encoder.safetensors")
+    encoder, cfg = load_encoder(run_dir)
+    fresh = VisionTransformer(cfg.model.arch, cfg.model.img_size, pos_embed=cfg.model.pos_embed)
+    export.from_timm_state_dict(fresh, load_file(str(out)))
+    x = torch.randn(2, 3, cfg.model.img_size, cfg.model.img_size, dtype=torch.float64)
+    torch.testing.assert_close(fresh.double().eval()(x), encoder.double().eval()(x), rtol=1e-12, atol=1e-12)
+
+
+def test_an_mae_run_exports_its_encoder(tiny_overrides, tmp_path):
+    summary = train.main([*tiny_overrides, *MAE_TINY, "model.img_size=28", "run.stop_at_step=1"])
+    exported_features_match(Path(summary["run_dir"]), tmp_path)
