@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import math
 import sys
 import time
 from pathlib import Path
@@ -145,7 +146,7 @@ def train_loop(
     checkpoint, when a signal or the wall-clock budget stops the run."""
     steps_per_epoch = loader.batches_per_epoch
     schedules = Schedules(cfg, type(engine.model), steps_per_epoch)  # lr, weight decay, the method's own
-    last_step = cfg.run.stop_at_step or cfg.optim.epochs * steps_per_epoch
+    last_step = min(cfg.run.stop_at_step or math.inf, cfg.optim.epochs * steps_per_epoch)  # never past the end
     while step < last_step:
         epoch, first_batch = divmod(step, steps_per_epoch)
         loader.start(epoch, first_batch)

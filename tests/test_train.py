@@ -55,6 +55,8 @@ def test_resumed_run_reproduces_the_uninterrupted_losses(tiny_overrides):
     resumed = train.main([*tiny_overrides, *eval_off, "run.name=cut"])
     assert resumed["steps"] == 6
     assert losses(Path(resumed["run_dir"])) == losses(Path(full["run_dir"]))  # bit for bit, steps 1..6
+    beyond = train.main([*tiny_overrides, *eval_off, "run.name=beyond", "run.stop_at_step=100"])
+    assert beyond["steps"] == 6 and losses(Path(beyond["run_dir"])) == losses(Path(full["run_dir"]))  # no step 7
 
 
 def test_checkpoint_of_another_model_is_refused(tiny_overrides):
