@@ -1,8 +1,11 @@
-"""Self-supervised pre-training of a Vision Transformer: MoCo v3 (method.name=mocov3, the default), SiT or BEiT.
+"""Self-supervised pre-training of a Vision Transformer: MoCo v3 (method.name=mocov3, the default), SiT, BEiT, MAE or
+DINO (fastvit_ssl/methods/, one file each).
 
     python train.py                                       # the CPU demo: real handwritten digits, kNN at the end
     python train.py --config configs/sit_demo.yaml        # the same with SiT
     python train.py --config configs/beit_demo.yaml       # ... with BEiT (a small tokenizer trained first)
+    python train.py --config configs/mae_demo.yaml        # ... with MAE
+    python train.py --config configs/dino_demo.yaml       # ... with DINO
     python train.py --config configs/vit_small.yaml data.root=/data/imagenet optim.epochs=100
     torchrun --nproc_per_node 8 train.py --config configs/vit_base.yaml data.root=/data/imagenet
 
