@@ -6,7 +6,7 @@ overrides keys that exist in the schema; so do `section.key=value` arguments on 
 
 The sections of the methods (moco:, sit:, beit:, ...) belong to the methods: each method file registers its
 section's dataclass and its checks (`register_method`) when fastvit_ssl.methods is imported, which `load` and
-`from_dict` do first. This module knows no method by name.
+`from_dict` do first. This module names no method but the default one.
 """
 
 from __future__ import annotations
