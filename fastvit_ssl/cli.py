@@ -1,8 +1,9 @@
 """Command-line entry points end with one line on stderr and exit code 2 for problems the user can fix, or exit code
 3 (`preemption.RESUMABLE_EXIT`) when a signal or the wall-clock budget stopped a run after a checkpoint; either way
-they leave the process group (if any) before the interpreter exits. Under a launcher, rank 0 prints a config error
-(every rank has the same; the others wait for rank 0 to print it and exit, after which the launcher stops them);
-other errors are printed by the rank that met them."""
+they leave the process group (if any) before the interpreter exits. A rank whose peers are gone exits at once with one
+line and code 4 (`preemption.PEERS_LOST_EXIT`): it can neither save nor leave the group. Under a launcher, rank 0
+prints a config error (every rank has the same; the others wait for rank 0 to print it and exit, after which the
+launcher stops them); other errors are printed by the rank that met them."""
 
 from __future__ import annotations
 
@@ -16,7 +17,7 @@ from fastvit_ssl.checkpoint import CheckpointError
 from fastvit_ssl.config import ConfigError
 from fastvit_ssl.data.folder import DataError
 from fastvit_ssl.guard import TrainingDiverged
-from fastvit_ssl.preemption import EarlyStop
+from fastvit_ssl.preemption import EarlyStop, PeersLost, abandon
 
 USER_ERRORS = (ConfigError, DataError, CheckpointError, TrainingDiverged)
 CONFIG_ERROR_GRACE_S = 30  # how long a rank other than 0 waits with a config error for rank 0 to report it
@@ -32,6 +33,8 @@ def run(main: Callable[[], object]) -> None:
             print(str(e), file=sys.stderr, flush=True)
         distributed.shutdown()
         sys.exit(e.exit_code)
+    except PeersLost as e:
+        abandon(str(e))
     except USER_ERRORS as e:
         if rank == 0 or not isinstance(e, ConfigError):
             where = f" (rank {rank})" if rank else ""

@@ -15,6 +15,8 @@ import torch.distributed as dist
 
 log = logging.getLogger(__name__)
 GENERATION = "fastvit_ssl/generation"  # the store keys under which each attempt forms its group
+# what gloo says when a peer died (its sockets closed) or stopped answering (a lost node: the timeout)
+GLOO_PEER_FAILURES = ("gloo/transport", "closed by peer", "reset by peer", "pair closure")
 
 
 def is_initialized() -> bool:
@@ -106,6 +108,15 @@ def shutdown(wait_for_others: bool = True) -> None:
             dist.barrier()
         dist.destroy_process_group()
         gc.collect()
+
+
+def is_peer_failure(error: BaseException) -> bool:
+    """Whether `error` is a collective that failed because another rank is gone or stuck. NCCL and the store raise
+    DistError subclasses; gloo raises plain RuntimeErrors, told apart here by their text."""
+    text = str(error)
+    return isinstance(error, dist.DistError) or (
+        isinstance(error, RuntimeError) and any(marker in text for marker in GLOO_PEER_FAILURES)
+    )
 
 
 @torch.no_grad()

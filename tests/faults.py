@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import os
 import signal
+import sys
+import time
 
 from fastvit_ssl import distributed
 from fastvit_ssl.methods.base import Method
@@ -29,6 +31,8 @@ def install(nan_at=(), die_at: int | None = None, signal_at: tuple[int, signal.S
         if calls[0] == die_at:
             os._exit(17)
         if signal_at and calls[0] == signal_at[0]:
+            print(f"fault: {signal_at[1].name} to itself at step {calls[0]}, time {time.time():.3f}", file=sys.stderr)
+            sys.stderr.flush()
             os.kill(os.getpid(), signal_at[1])
         losses = original(self, *args, **kwargs)
         return {**losses, "loss": losses["loss"] * float("nan")} if calls[0] in nan_at else losses
