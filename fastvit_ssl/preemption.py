@@ -52,15 +52,16 @@ class PeersLost(Exception):
 class StopRequests:
     """Collects stop requests (signals, the wall-clock budget) and turns them into one decision for all ranks.
 
+    With several ranks, a thread gives them max(GRACE_S, twice the slowest step so far) after a stop signal to agree
+    on the stop; past it this rank concludes a peer is gone and exits (`_watch`).
+
     Args:
         max_minutes: stop once the run has trained this long in this process; 0 disables the budget.
-        grace_s: with several ranks, how long after a stop signal they may take at least to agree on the stop (twice
-            the slowest step so far if that is longer) before this rank concludes a peer is gone and exits.
     """
 
-    def __init__(self, max_minutes: float = 0.0, grace_s: float = GRACE_S):
+    def __init__(self, max_minutes: float = 0.0):
         self.deadline = time.monotonic() + 60 * max_minutes if max_minutes > 0 else None
-        self.max_minutes, self.signum, self.grace_s = max_minutes, None, grace_s
+        self.max_minutes, self.signum = max_minutes, None
         self.previous = {}
         self.agreed, self.closing = threading.Event(), False
         self.slowest_step, self.last_reason_at = 0.0, None
@@ -76,7 +77,7 @@ class StopRequests:
     def __exit__(self, exc_type, exc, tb) -> None:
         self._stop_watching()
         lost = exc is not None and distributed.world_size() > 1 and distributed.is_peer_failure(exc)
-        for sig, handler in self.previous.items():  # while exiting for lost peers, the launcher's SIGTERM must wait
+        for sig, handler in self.previous.items():  # exiting for lost peers: a launcher's SIGTERM must not cut it short
             signal.signal(sig, signal.SIG_IGN if lost else handler)
         if lost:
             raise PeersLost(
@@ -127,7 +128,7 @@ class StopRequests:
     def _watch(self, reader: socket.socket) -> None:
         while (received := reader.recv(1)) and not self.closing:
             if received[0] in SIGNALS:
-                grace = max(self.grace_s, 2 * self.slowest_step)
+                grace = max(GRACE_S, 2 * self.slowest_step)
                 if not self.agreed.wait(grace) and not self.closing:
                     abandon(
                         f"{signal.Signals(received[0]).name} received, but the ranks did not agree to stop within "
