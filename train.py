@@ -113,12 +113,13 @@ def main(argv: list[str] | None = None) -> dict:
         "rollbacks": guard.rollbacks,
         "fp16_overflows": engine.overflows,  # run.precision=fp16: steps the loss scaler skipped (this start)
     }
-    if eval_data and step == total_steps and distributed.is_main():
+    evaluated = engine.evaluation_model() if eval_data and step == total_steps else None  # every rank: ZeRO-3
+    if evaluated is not None:
         summary["knn_top1_random"] = evaluate_knn(cfg, random_encoder(cfg).to(device), eval_data, device)
-        summary["knn_top1_pretrained"] = knn_check(cfg, model, eval_data, device, run_dir)
+        summary["knn_top1_pretrained"] = knn_check(cfg, evaluated, eval_data, device, run_dir)
         monitor.record(0, {"knn_top1": summary["knn_top1_random"]})  # the curve starts from the random encoder
         monitor.record(step, {"knn_top1": summary["knn_top1_pretrained"]})
-        summary["pictures"] = [str(p) for p in viz.run_pictures(model.backbone, data_root, run_dir)]
+        summary["pictures"] = [str(p) for p in viz.run_pictures(evaluated.backbone, data_root, run_dir)]
     plot = monitor.close()
     summary["wall_seconds"] = time.perf_counter() - started
     if distributed.is_main():
@@ -179,8 +180,10 @@ def train_loop(
                 raise EarlyStop(f"{why}: stopped at step {step}; checkpoint {path}; rerun the same command to continue")
         else:
             knn_every = cfg.eval.knn_every_epochs
-            if eval_data and knn_every and (step // steps_per_epoch) % knn_every == 0 and distributed.is_main():
-                monitor.record(step, {"knn_top1": knn_check(cfg, engine.model, eval_data, device, run_dir)})
+            if eval_data and knn_every and (step // steps_per_epoch) % knn_every == 0:
+                evaluated = engine.evaluation_model()  # on every rank (ZeRO-3 gathers); None but on rank 0
+                if evaluated is not None:
+                    monitor.record(step, {"knn_top1": knn_check(cfg, evaluated, eval_data, device, run_dir)})
     return step
 
 
@@ -253,8 +256,21 @@ def resume(cfg: Config, run_dir: Path, engine) -> tuple[int, float]:
             continue
         checkpoint.set_rng_state(state["rng"])
         log.info("resumed from %s (step %d)", path, state["step"])
-        return state["step"], state.get("lr_scale", 1.0)
-    return 0, 1.0
+        return agreed(state["step"], run_dir, engine.device), state.get("lr_scale", 1.0)
+    return agreed(0, run_dir, engine.device), 1.0
+
+
+def agreed(step: int, run_dir: Path, device: torch.device) -> int:
+    """The step every rank resumes from, or an error: ranks that see other checkpoints (a run folder not shared
+    by every node) would train different steps against each other."""
+    high = int(distributed.all_reduce_max(torch.tensor(step, device=device)))
+    low = -int(distributed.all_reduce_max(torch.tensor(-step, device=device)))
+    if low != high:
+        raise CheckpointError(
+            f"the ranks resume from different steps ({low} to {high}): every node must see the same run folder "
+            f"{run_dir} (a shared file system), see docs/multinode.md"
+        )
+    return step
 
 
 def save_checkpoint(cfg: Config, run_dir: Path, engine, step: int, guard: NonFiniteGuard, monitor: Monitor) -> Path:

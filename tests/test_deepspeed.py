@@ -207,3 +207,20 @@ def test_deepspeed_runs_without_a_launcher(tiny_overrides):
     result = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env, cwd=Path(__file__).parents[1])
     assert result.returncode == 0, result.stderr[-3000:]
     assert "deepspeed/step00000001" in result.stdout
+
+
+def test_a_zero3_run_evaluates_draws_and_exports_at_its_end(tiny_overrides, tmp_path):
+    """Under ZeRO-3 the parameters are partitioned: the kNN checks (each epoch and at the end) and the pictures run
+    on rank 0 with every rank lending its partitions (they waited for engine.timeout_s before); the run folder then
+    exports (consolidated on the fly) to the encoder rank 0 evaluated."""
+    import json
+
+    from fastvit_ssl.eval import export
+
+    zero3 = ["engine.name=deepspeed", "engine.zero_stage=3", "eval.knn_every_epochs=1"]
+    cmd = [*TORCHRUN_2, str(Path(__file__).resolve().parents[1] / "train.py"), *tiny_overrides, *zero3]
+    result = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=ENV)
+    assert result.returncode == 0, result.stderr[-3000:]
+    summary = json.loads((tmp_path / "runs" / "tiny" / "summary.json").read_text())  # tiny_overrides' run folder
+    assert summary["knn_top1_pretrained"] > 0 and all(Path(p).stat().st_size > 1000 for p in summary["pictures"])
+    assert export.main(["--checkpoint", summary["run_dir"], "--out", str(tmp_path / "encoder.safetensors")]) == 0

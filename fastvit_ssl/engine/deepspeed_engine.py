@@ -29,8 +29,9 @@ from torch.utils._pytree import tree_map
 from fastvit_ssl import checkpoint, distributed
 from fastvit_ssl.config import Config
 from fastvit_ssl.engine.local import layer_groups
-from fastvit_ssl.kernels.dispatch import Ops
+from fastvit_ssl.kernels.dispatch import REFERENCE_OPS, Ops
 from fastvit_ssl.methods.base import Method, no_mark
+from fastvit_ssl.methods.build import build_method
 from fastvit_ssl.optim.build import build_optimizer
 from fastvit_ssl.optim.schedules import Hyperparameters, set_hyperparameters
 from fastvit_ssl.optim.trust_ratio import Fragment, TrustRatioOptimizer
@@ -51,7 +52,7 @@ class DeepSpeedEngine:
         import deepspeed
 
         distributed.init_single_process(device)  # `python train.py engine.name=deepspeed`: a group of one
-        self.model, self.device, self.stage = model, device, cfg.engine.zero_stage
+        self.model, self.device, self.stage, self.cfg = model, device, cfg.engine.zero_stage, cfg
         self.dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.run.precision, torch.float32)
         self.overflows = 0  # fp16 steps DeepSpeed's loss scaler skipped
         client_optimizer = build_optimizer(cfg.optim, model.param_groups(), ops)
@@ -123,6 +124,24 @@ class DeepSpeedEngine:
         """The engine's module on inputs in its dtype (uint8 images stay), outputs back in fp32 for the losses."""
         outputs = self.ds(*(x.to(self.dtype) if x.is_floating_point() else x for x in inputs))
         return tree_map(lambda t: t.float() if torch.is_tensor(t) and t.is_floating_point() else t, outputs)
+
+    def evaluation_model(self) -> Method | None:
+        """The method whole, for rank 0's evaluations and pictures; called by every rank (None on the others).
+        Under ZeRO-3 the trained parameters are partitioned: every rank lends its partitions while rank 0 copies
+        them into a fresh method (the engine's own module, run on one rank, would wait for the others' hooks)."""
+        if self.stage < 3:
+            return self.model if distributed.is_main() else None
+        import deepspeed
+
+        with deepspeed.zero.GatheredParameters(list(self.model.online.parameters()), modifier_rank=None):
+            state = (
+                {k: v.detach().clone() for k, v in self.model.state_dict().items()} if distributed.is_main() else None
+            )
+        if state is None:
+            return None
+        whole = build_method(self.cfg, REFERENCE_OPS).to(self.device)
+        whole.load_state_dict(state)
+        return whole
 
     @torch.no_grad()
     def update_ema(self, momentum: float) -> None:

@@ -85,6 +85,10 @@ class LocalEngine:
         self.mark("optimizer")
         return metrics, finite
 
+    def evaluation_model(self) -> Method | None:
+        """The method, for rank 0's evaluations and pictures (None on the other ranks)."""
+        return self.model if distributed.is_main() else None
+
     def checkpoints(self, run_dir: Path) -> list[Path]:
         """Complete checkpoints in the run folder, oldest first."""
         return checkpoint.list_checkpoints(run_dir)
