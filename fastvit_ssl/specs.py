@@ -67,9 +67,9 @@ CONTRASTIVE_KERNEL_MAX_DIM = 256
 
 def encoder_flops(arch: str, img_size: int, batch: int, tokens: int | None = None) -> float:
     """Forward FLOPs (multiply-adds x 2) of the ViT on `batch` images: per block 24 T D^2 (qkv, proj, 4x MLP) +
-    4 T^2 D (QK^T and AV) over T tokens (`tokens`: fewer when patches are dropped), plus the patch projection of
-    every patch (3 P^2 inputs to D features)."""
+    4 T^2 D (QK^T and AV) over T tokens, plus the patch projection of their patches (3 P^2 inputs to D features).
+    `tokens`: the class token and the patches kept when some are dropped (MAE: only those need embedding)."""
     spec = ARCH_SPECS[arch]
-    patches = (img_size // spec.patch_size) ** 2
-    T, D, P = (tokens or patches + 1), spec.embed_dim, spec.patch_size
-    return batch * (spec.depth * (24 * T * D * D + 4 * T * T * D) + 2 * patches * 3 * P * P * D)
+    T = tokens or (img_size // spec.patch_size) ** 2 + 1
+    D, P = spec.embed_dim, spec.patch_size
+    return batch * (spec.depth * (24 * T * D * D + 4 * T * T * D) + 2 * (T - 1) * 3 * P * P * D)

@@ -187,9 +187,9 @@ class MAE(Method):
 
     @classmethod
     def step_flops(cls, cfg: Config, batch: int, keys: int) -> float:
-        """The encoder on the class token and the kept patches, the decoder on all tokens, both forward and
-        backward (x3); the patch projection counted for every patch (the reference embeds them all, the fused
-        kernel the kept ones)."""
+        """The encoder on the class token and the kept patches (their projection only: the fused kernel embeds no
+        other, the reference embeds all and counts ~2% more at the demo ViT), the decoder on all tokens, both
+        forward and backward (x3)."""
         spec, mae = ARCH_SPECS[cfg.model.arch], cfg.mae
         patches = (cfg.model.img_size // spec.patch_size) ** 2
         kept = int(patches * (1 - mae.mask_ratio))
