@@ -9,9 +9,12 @@ TORCHRUN_2 = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--
 ENV_1_THREAD = {**os.environ, "OMP_NUM_THREADS": "1"}
 
 
-def deepspeed_launcher_2() -> list[str]:
-    """`deepspeed --num_gpus 2` as users run it (it passes --local_rank to the script), on a free port."""
+def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    return [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", "2", "--master_port", str(port)]
+        return s.getsockname()[1]
+
+
+def deepspeed_launcher_2() -> list[str]:
+    """`deepspeed --num_gpus 2` as users run it (it passes --local_rank to the script), on a free port."""
+    return [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", "2", "--master_port", str(free_port())]

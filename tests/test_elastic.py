@@ -9,7 +9,6 @@ agents on one machine (two "nodes") train as one job.
 import json
 import re
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -21,19 +20,13 @@ import torch
 from fastvit_ssl import checkpoint
 from fastvit_ssl.monitor import read_metrics
 from fastvit_ssl.preemption import GRACE_S, PEERS_LOST_EXIT
-from launch import ENV_1_THREAD
+from launch import ENV_1_THREAD, free_port
 
 REPO = Path(__file__).resolve().parents[1]
 FAULTY_TRAIN = REPO / "tests" / "faulty_train.py"  # train.py with the faults of the environment
 STEPS = ["optim.epochs=4"]  # 12 steps of batch 8, a checkpoint after every 3rd
 TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--monitor-interval", "0.1"]
 LOST_PEER = "a collective failed, another rank is gone"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def agents(form: str, restarts: int) -> list[list[str]]:
