@@ -264,7 +264,8 @@ class PrototypeCrossEntropyFn(torch.autograd.Function):
     @staticmethod
     def forward(ctx, student, teacher, center, student_temp, teacher_temp, global_crops):
         loss_rows, lse_s, lse_t = prototype_ce_fwd(student, teacher, center, student_temp, teacher_temp, global_crops)
-        ctx.save_for_backward(student, teacher, center, lse_s, lse_t)
+        # the centre as it was: callers move it in place after the loss (DINO does), which the reference allows
+        ctx.save_for_backward(student, teacher, center.clone(), lse_s, lse_t)
         ctx.args = (student_temp, teacher_temp, global_crops)
         B = teacher.shape[0] // global_crops
         return loss_rows.sum() / (B * _pairs(student.shape[0] // B, global_crops))

@@ -243,8 +243,7 @@ class DINO(Method):
         """The loss with the current centre; then the centre moves towards this step's teacher mean (global)."""
         c = self.cfg
         temp = batch["hparams"].values["teacher_temp"]
-        center = self.center.clone()  # the fused loss keeps it for its backward; the update below is in place
-        loss = self.loss_fn(outputs, targets, center, c.student_temp, temp, GLOBAL_CROPS)
+        loss = self.loss_fn(outputs, targets, self.center, c.student_temp, temp, GLOBAL_CROPS)
         with torch.no_grad():
             wide = targets.to(torch.promote_types(targets.dtype, torch.float32))  # bf16 sums in fp32; fp64 stays
             mean = distributed.all_reduce_sum(wide.sum(0, keepdim=True))
