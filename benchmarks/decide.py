@@ -21,7 +21,7 @@ def read_rows(folder: Path) -> list[dict]:
     rows = []
     for path in sorted(folder.glob("throughput*.csv")):
         with path.open() as f:
-            rows += list(csv.DictReader(f))
+            rows += [{**r, "file": path.name} for r in csv.DictReader(f)]
     return rows
 
 
@@ -47,7 +47,8 @@ def decide(rows: list[dict]) -> list[dict]:
             "settings": f"model.attention={best['attention']}"
             + (f" model.compile=true model.compile_mode={best['compiled']}" if best["compiled"] != "eager" else ""),
         }
-        for base in found["baseline"]:
+        # the baseline timed in the same run as the best, alternating with it: the pair shared the machine's state
+        for base in [b for b in found["baseline"] if b["file"] == best["file"]]:
             ratio = float(best["images_per_second"]) / float(base["images_per_second"])
             line[f"x {base['form']}"] = f"{ratio:.2f}"
         goal = GOALS.get((method, arch))

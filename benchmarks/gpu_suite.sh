@@ -3,15 +3,15 @@
 #   bash benchmarks/gpu_suite.sh [OUT_DIR]        (default: benchmarks/results/<date>-<gpu>)
 # Where the checkout's .git did not travel with its files (a lent machine), name the commit you sent:
 #   FASTVIT_SSL_COMMIT=<sha> bash benchmarks/gpu_suite.sh
-# Runs the kernel tests compiled on CUDA, the decision run (MoCo v3 ViT-B: ours per attention kernel, eager,
-# compiled, compiled with CUDA graphs, against both forms of the official recipe, with peak memory and the largest
-# batch of each), the other cases (ViT-S/L, SiT, BEiT) and the data pipelines; benchmarks/decide.py then writes
+# Runs the kernel tests compiled on CUDA, the decision case (MoCo v3 ViT-B: ours eager per attention kernel, compiled,
+# compiled with CUDA graphs, against both forms of the official recipe; the largest batch of each), the other cases
+# (ViT-S/L, SiT, BEiT, DINO, MAE), fp16 training and the data pipelines; benchmarks/decide.py then writes
 # DECISION.md, the table the GPU configs' defaults are set from. (benchmarks/kernels.py, each kernel alone, is not
-# # part of it: it ran on 2026-11-25 and its kernels have not changed since.) Only torch + triton (+ pytest, pyyaml,
-# pillow) are needed; parts that need DALI or DeepSpeed are skipped with a message. SUITE_REHEARSAL=1 runs every part
-# at toy sizes on a CPU (tests/test_benchmarks.py does), so that a lent GPU's window is not lost to the suite's
-# plumbing. It writes more files than a lent machine hands back: pack the folder into one tarball there. The
-# checkout need not be installed: PYTHONPATH=. is enough.
+# part of it: it ran on 2026-11-25.) Only torch + triton (+ pytest, pyyaml, pillow) are needed; parts that need
+# DALI or DeepSpeed are skipped with a message. SUITE_REHEARSAL=1 runs every part at toy sizes on a CPU
+# (tests/test_benchmarks.py does), so that a lent GPU's window is not lost to the suite's plumbing. It writes more
+# files than a lent machine hands back: pack the folder into one tarball there. The checkout need not be
+# installed: PYTHONPATH=. is enough.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
@@ -35,47 +35,66 @@ for name in ("deepspeed", "nvidia.dali"):
 PY
 cat "$out/environment.txt"
 
+# Each part runs in its own process under its own timeout, in the order of what matters most: a part that fails or
+# runs out of time costs only its own rows. The compiled runs come after the eager matrix (their compile time is
+# the unknown), each mode on its own (a CUDA-graph failure cannot take the default mode's rows with it).
 if [ "${SUITE_REHEARSAL:-0}" = 1 ]; then  # on a CPU: every part at toy sizes, to test the plumbing
   tests=(-k "ema and not installed_copy")
   toy=(--img-size 28 --batch 8 --steps 1)
-  decision=(--arch vit_demo "${toy[@]}" --attention auto math flash efficient --compile default --max-batch)
+  vitb=(--arch vit_demo "${toy[@]}")
+  attention=(auto math flash efficient)
+  modes=(default)
   others=("--method mocov3 --arch vit_demo ${toy[*]}" "--method sit --arch vit_demo ${toy[*]}" \
           "--method beit --arch vit_demo ${toy[*]}")
   data=(--images 24 --batch 4 --warmup 1 --batches 2 --size 32 --threads 1)
-  budget=(60 120 60 60 120)
+  budget=(60 60 60 120 60 60 120)
   fp16=(model.arch=vit_demo model.img_size=28 data.batch_size=16 optim.epochs=2 optim.warmup_epochs=1)
 else
   tests=(-k "not installed_copy")
-  # the decision run: ViT-B MoCo v3 at its per-GPU batch, every attention kernel eager, compiled with and without
-  # CUDA graphs, both baselines, the largest batch each fits
-  decision=(--arch vit_base --batch 128 --steps 6 --attention auto flash efficient cudnn math \
-            --compile default reduce-overhead --max-batch)
-  others=("--method mocov3 --arch vit_small --batch 256 --compile reduce-overhead" \
-          "--method mocov3 --arch vit_large --batch 64 --compile reduce-overhead" \
-          "--method sit --arch vit_small --batch 128 --compile reduce-overhead" \
-          "--method beit --arch vit_base --batch 128 --compile reduce-overhead")
+  python3 -c "import xdist" 2>/dev/null && tests+=(-n 8)  # the kernels compile on the CPU cores
+  vitb=(--arch vit_base --batch 128 --steps 6)  # the decision case: MoCo v3 ViT-B at its per-GPU batch
+  attention=(auto flash efficient cudnn math)
+  modes=(default reduce-overhead)
+  others=("--method mocov3 --arch vit_small --batch 256" "--method mocov3 --arch vit_large --batch 64" \
+          "--method sit --arch vit_small --batch 128" "--method beit --arch vit_base --batch 128" \
+          "--method dino --arch vit_small --batch 64" "--method mae --arch vit_base --batch 128")
   data=(--images 1024 --batch 128 --threads 8)
-  budget=(80 140 40 30 40)  # seconds: kernel tests, decision run, each other case, data, fp16: 7.5 min in all
+  # seconds: kernel tests, ViT-B per attention kernel, each other case, each compile mode, largest batches, data,
+  # fp16: about 7.5 minutes in all, the parts at the end the first to go if the machine is slower
+  budget=(60 50 25 80 40 20 25)
   fp16=(model.arch=vit_small data.batch_size=64 optim.epochs=2 optim.warmup_epochs=1)
 fi
+throughput() {  # budget, CSV name, arguments
+  local seconds=$1 name=$2
+  shift 2
+  timeout "$seconds" python3 benchmarks/throughput.py --compare "$@" --out "$out/throughput-$name.csv" 2>&1 \
+    | tee -a "$out/throughput.txt"
+  [ "${PIPESTATUS[0]}" -eq 0 ] || status=1
+}
 
 echo "== kernel tests, compiled on CUDA =="
 timeout "${budget[0]}" python3 -m pytest tests/kernels tests/test_timm_compat.py -q -p no:cacheprovider "${tests[@]}" \
   --ignore tests/kernels/test_aot_compile.py 2>&1 | tee "$out/kernel_tests.txt"
 [ "${PIPESTATUS[0]}" -eq 0 ] || status=1
 
-echo "== the decision run: MoCo v3 ViT-B, ours per attention kernel and compile mode vs the official recipe =="
-timeout "${budget[1]}" python3 benchmarks/throughput.py --compare "${decision[@]}" --out "$out/throughput-decision.csv" \
-  2>&1 | tee "$out/throughput.txt"
-[ "${PIPESTATUS[0]}" -eq 0 ] || status=1
+echo "== the decision case, eager: MoCo v3 ViT-B per attention kernel vs the official recipe =="
+throughput "${budget[1]}" decision "${vitb[@]}" --attention "${attention[@]}"
 
-echo "== the other cases: ViT-S/L, SiT, BEiT, eager and compiled vs the official recipe =="
+echo "== the other cases, eager: ViT-S/L, SiT, BEiT, DINO, MAE vs the official recipe =="
 for i in "${!others[@]}"; do
   # shellcheck disable=SC2086  # the case's arguments split on purpose
-  timeout "${budget[2]}" python3 benchmarks/throughput.py --compare --steps 4 ${others[$i]} \
-    --out "$out/throughput-$i.csv" 2>&1 | tee -a "$out/throughput.txt"
-  [ "${PIPESTATUS[0]}" -eq 0 ] || status=1
+  throughput "${budget[2]}" "$i" --steps 4 ${others[$i]}
 done
+
+echo "== the decision case compiled, one mode at a time =="
+for mode in "${modes[@]}"; do
+  throughput "${budget[3]}" "compiled-$mode" "${vitb[@]}" --attention auto --compile "$mode"
+done
+
+echo "== the largest batch per GPU each fits (its own CSV: two rounds, not read by decide.py) =="
+timeout "${budget[4]}" python3 benchmarks/throughput.py --compare "${vitb[@]}" --steps 2 --attention auto --max-batch \
+  --out "$out/largest-batch.csv" 2>&1 | tee -a "$out/throughput.txt"
+[ "${PIPESTATUS[0]}" -eq 0 ] || status=1
 python3 benchmarks/decide.py "$out" > /dev/null || status=1
 
 echo "== fp16 with dynamic loss scaling: the local engine, and DeepSpeed ZeRO-2 where it is installed and a GPU is =="
@@ -84,14 +103,14 @@ m(__import__('pathlib').Path(sys.argv[1]), per_class=32, seed=0)" "$out/fp16-dat
 engines=(local)
 if python3 -c "import deepspeed, torch; assert torch.cuda.is_available()" 2>/dev/null; then engines+=(deepspeed); fi
 for engine in "${engines[@]}"; do
-  timeout "${budget[4]}" python3 train.py "${fp16[@]}" run.precision=fp16 engine.name="$engine" engine.zero_stage=2 \
+  timeout "${budget[6]}" python3 train.py "${fp16[@]}" run.precision=fp16 engine.name="$engine" engine.zero_stage=2 \
     data.root="$out/fp16-data" data.num_workers=2 eval.knn_every_epochs=0 run.out_dir="$out/fp16-runs" \
     run.name="$engine" 2>&1 | tail -n 4 | tee -a "$out/fp16.txt"
   [ "${PIPESTATUS[0]}" -eq 0 ] || status=1
 done
 
 echo "== data pipelines (DALI where installed) =="
-timeout "${budget[3]}" python3 benchmarks/data.py "${data[@]}" --out "$out/data.csv" 2>&1 | tee "$out/data.txt"
+timeout "${budget[5]}" python3 benchmarks/data.py "${data[@]}" --out "$out/data.csv" 2>&1 | tee "$out/data.txt"
 [ "${PIPESTATUS[0]}" -eq 0 ] || status=1
 echo "results in $out (status $status); the decision table: $out/DECISION.md"
 exit $status

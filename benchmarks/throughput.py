@@ -193,17 +193,26 @@ def allocated(device: torch.device) -> int:
 
 def prepare(setups: list[Setup], device: torch.device) -> list[tuple[Bench, float, float]]:
     """(bench, warm-up seconds, peak GiB) per setup. Each is built and warmed up (compilation, allocator) in turn,
-    its peak memory measured from a reset, less what the setups built before it hold: its own peak, as alone."""
+    its peak memory measured from a reset, less what the setups built before it hold: its own peak, as alone.
+    A setup that fails to build or step is reported and left out: the rest of the matrix is still measured."""
     prepared = []
     for setup in setups:
         before = allocated(device)
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats()
         started = time.perf_counter()
-        bench = Bench(setup, device)
-        for _ in range(3):  # compilation; CUDA graphs are recorded at the second or third call
-            bench.step()
-        sync(device)
+        try:
+            bench = Bench(setup, device)
+            for _ in range(3):  # compilation; CUDA graphs are recorded at the second or third call
+                bench.step()
+            sync(device)
+        except Exception as e:  # noqa: BLE001 (any failure of one variant: compiler, kernel, memory)
+            print(f"failed, left out: {setup.form} {setup.method} {setup.arch}: {type(e).__name__}: {e}"[:2000])
+            bench = None
+            gc.collect()
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+            continue
         warmup = time.perf_counter() - started
         peak = (torch.cuda.max_memory_allocated() - before) / 2**30 if device.type == "cuda" else float("nan")
         prepared.append((bench, warmup, peak))
@@ -222,9 +231,10 @@ def run(setups: list[Setup], device: torch.device, steps: int, peak: float, max_
             sync(device)
             t.append(time.perf_counter() - start)
     rows = [row(b, t, peak, max(2, steps // 2), warm, mem) for (b, warm, mem), t in zip(prepared, times)]
+    measured = [bench.setup for bench, _, _ in prepared]
     del prepared
     if max_batch:  # eager runs with the first attention kernel: a compiled one would compile at every size
-        for r, setup in zip(rows, setups):
+        for r, setup in zip(rows, measured):
             if not setup.compile and (setup.baseline or setup.attention == setups[0].attention):
                 r["max_batch"] = largest_batch(setup, device)
     return rows
@@ -391,6 +401,8 @@ def main(argv=None) -> list[dict]:
         "date": datetime.date.today().isoformat(),
         **runinfo.versions(),
     }
+    if not rows:
+        raise SystemExit("no setup could be measured: see the failures above")
     rows = [{**r, **meta} for r in rows]
     if distributed.is_main():
         print_summary(rows)
