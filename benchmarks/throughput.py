@@ -125,16 +125,20 @@ class Bench:
     def __init__(self, setup: Setup, device: torch.device):
         self.setup, self.device, self.cfg = setup, device, config(setup)
         self.impl = OfficialStep(self.cfg, device) if setup.baseline else Ours(self.cfg, device)
-        views = method_class(setup.method).views(self.cfg)  # the method's views: their number and sizes
-        self.views = [
-            torch.randint(0, 256, (setup.batch, v.size, v.size, 3), dtype=torch.uint8, device=device)
-            if self.cfg.data.uint8_views
-            else torch.randn(setup.batch, 3, v.size, v.size, device=device)
-            for v in views
-        ]
+        self.views = self.synthetic_views(setup.batch)
         self.batches = None
         if setup.data is not None:
+            views = method_class(setup.method).views(self.cfg)
             self.batches = endless_batches(build_train_data(self.cfg, setup.data, device, views)[0])
+
+    def synthetic_views(self, batch: int) -> list[torch.Tensor]:
+        """The method's views (their number and sizes), random, on the device."""
+        return [
+            torch.randint(0, 256, (batch, v.size, v.size, 3), dtype=torch.uint8, device=self.device)
+            if self.cfg.data.uint8_views
+            else torch.randn(batch, 3, v.size, v.size, device=self.device)
+            for v in method_class(self.setup.method).views(self.cfg)
+        ]
 
     def step(self) -> None:
         views = [v.clone() for v in self.views] if self.batches is None else next(self.batches).views
@@ -240,31 +244,32 @@ def run(setups: list[Setup], device: torch.device, steps: int, peak: float, max_
     return rows
 
 
-def fits(setup: Setup, device: torch.device) -> bool:
-    """Whether one step of `setup` fits in the GPU's memory (a fresh build, freed afterwards)."""
-    try:
-        bench = Bench(setup, device)
-        bench.step()
-        sync(device)
-        return True
-    except torch.cuda.OutOfMemoryError:
-        return False
-    finally:
-        bench = None
-        gc.collect()
-        torch.cuda.empty_cache()
-
-
 def largest_batch(setup: Setup, device: torch.device, limit: int = 8192) -> int | str:
-    """The largest per-GPU batch (multiple of 8) one step of `setup` fits: doubling, then bisection."""
+    """The largest per-GPU batch (multiple of 8) one step of `setup` fits: doubling, then bisection, on one build
+    (its weights and optimizer state stay; each trial's activations are freed)."""
     if device.type != "cuda":
         return ""
+    bench = Bench(setup, device)
+
+    def fits(batch: int) -> bool:
+        try:
+            bench.views = bench.synthetic_views(batch)
+            bench.step()
+            sync(device)
+            return True
+        except torch.cuda.OutOfMemoryError:
+            return False
+        finally:
+            bench.views = []
+            gc.collect()
+            torch.cuda.empty_cache()
+
     low, high = 0, setup.batch
-    while high <= limit and fits(replace(setup, batch=high), device):
+    while high <= limit and fits(high):
         low, high = high, high * 2
     while high - low > 8:
         middle = (low + high) // 16 * 8
-        low, high = (middle, high) if fits(replace(setup, batch=middle), device) else (low, middle)
+        low, high = (middle, high) if fits(middle) else (low, middle)
     return low
 
 

@@ -32,6 +32,7 @@ from fastvit_ssl.engine.local import layer_groups
 from fastvit_ssl.kernels.dispatch import REFERENCE_OPS, Ops
 from fastvit_ssl.methods.base import Method, no_mark
 from fastvit_ssl.methods.build import build_method
+from fastvit_ssl.models.vit import begin_graph_step
 from fastvit_ssl.optim.build import build_optimizer
 from fastvit_ssl.optim.schedules import Hyperparameters, set_hyperparameters
 from fastvit_ssl.optim.trust_ratio import Fragment, TrustRatioOptimizer
@@ -72,6 +73,7 @@ class DeepSpeedEngine:
         the scale lowered), not a non-finite step. Either way the BN running statistics are restored, as the local
         engine does."""
         views = [v.to(self.device, non_blocking=True) for v in views]
+        begin_graph_step()
         set_hyperparameters(self.optimizer, hparams)
         buffers = [b.clone() for b in self.model.buffers()]  # BN running statistics: small
         self.mark("data")

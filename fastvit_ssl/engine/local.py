@@ -10,6 +10,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 from fastvit_ssl import checkpoint, distributed
 from fastvit_ssl.methods.base import Method, no_mark
+from fastvit_ssl.models.vit import begin_graph_step
 from fastvit_ssl.optim.schedules import Hyperparameters, frozen_parameters, set_hyperparameters
 
 
@@ -56,6 +57,7 @@ class LocalEngine:
         """Training iteration `step` on this rank's share of the global batch: (detached metrics, finite). A step
         whose loss or gradient is not finite changes nothing: no update, BN statistics restored."""
         views = [v.to(self.device, non_blocking=True) for v in views]
+        begin_graph_step()
         set_hyperparameters(self.optimizer, hparams)
         buffers = [b.clone() for b in self.model.buffers()]  # BN running statistics: small
         self.mark("data")

@@ -97,7 +97,8 @@ def timm_spec(encoder: VisionTransformer) -> dict:
 
 def to_timm_state_dict(encoder: VisionTransformer) -> dict[str, torch.Tensor]:
     """Our parameter names already follow timm's VisionTransformer (the fixed position table becomes a plain
-    tensor); BEiT encoders get timm Beit's names and its relative position index buffers. No [MASK] token."""
+    tensor); BEiT encoders get timm Beit's names. No [MASK] token, and no relative position index: timm Beit builds
+    that buffer itself and keeps it out of its state dict (non-persistent, as ours)."""
     state = {k: v.detach().contiguous().clone() for k, v in encoder.state_dict().items() if k != "mask_token"}
     if not beit_layout(encoder):
         return state
@@ -109,11 +110,6 @@ def to_timm_state_dict(encoder: VisionTransformer) -> dict[str, torch.Tensor]:
         for old, new in renames:
             key = key.replace(old, new) if key.startswith("blocks.") else key
         out[key] = value
-    if encoder.rel_pos_bias is not None:
-        out["rel_pos_bias.relative_position_index"] = encoder.rel_pos_bias.relative_position_index.clone()
-    for i, block in enumerate(encoder.blocks):
-        if block.rel_pos_bias is not None:
-            out[f"blocks.{i}.attn.relative_position_index"] = block.rel_pos_bias.relative_position_index.clone()
     return out
 
 

@@ -10,6 +10,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader
 
+from fastvit_ssl.models.vit import begin_graph_step
 from fastvit_ssl.progress import Progress
 
 
@@ -25,6 +26,7 @@ def extract_features(
     feats, labels = [], []
     progress = Progress("features", len(loader.dataset))
     for images, y in loader:
+        begin_graph_step()
         f = encoder(images.to(device, dtype)).float()
         feats.append((F.normalize(f, dim=1) if normalize else f).cpu())
         labels.append(y)

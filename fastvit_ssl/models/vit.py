@@ -227,6 +227,14 @@ def compile_blocks(model: nn.Module, mode: str = "default") -> None:
             module.compile(mode=mode)
 
 
+def begin_graph_step() -> None:
+    """Tell CUDA graphs (blocks compiled in reduce-overhead or max-autotune mode) that a new step begins: what the
+    last step's graphs returned may then be overwritten, and no sooner. Without it each compiled block call would
+    count as a new step (they are top-level compiled calls), and a no-grad pass (a momentum encoder, an evaluation)
+    would overwrite a block's output before the next block had read it. A counter: free where no graphs are."""
+    torch.compiler.cudagraph_mark_step_begin()
+
+
 class VisionTransformer(nn.Module):
     """ViT encoder returning one feature vector per image.
 

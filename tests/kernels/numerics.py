@@ -8,7 +8,10 @@ tiles): rtol 1e-5 leaves a margin of ~10. Gradients are differences (softmax min
 that lose up to a digit against their largest element: rtol 1e-4, or an atol tied to that largest element. A wrong
 index, mask or scale errs by O(1).
 
-bf16 outputs are held to PyTorch's own bf16 error (assert_no_worse_than_torch).
+bf16 outputs are held to PyTorch's own bf16 error (assert_no_worse_than_torch). fp32 outputs of bf16 products (a
+kernel under autocast that does not round its result) are held to the error that rounding the operands allows
+(assert_within_rounded_products): an element-wise comparison with torch, which rounds its output too, would fail
+wherever torch's two roundings happen to cancel.
 """
 
 import math
@@ -26,6 +29,20 @@ def assert_no_worse_than_torch(out: torch.Tensor, ref64: torch.Tensor, torch_low
     (the Triton interpreter truncates on stores, so a round-off can reach one ulp)."""
     err = (out.double() - ref64).abs()
     bound = 2 * (torch_lowp.double() - ref64).abs() + atol + ULP[out.dtype] * ref64.abs()
+    worst = (err - bound).argmax()
+    assert torch.all(err <= bound), (
+        f"error {err.flatten()[worst]:.3g} > bound {bound.flatten()[worst]:.3g} (max error {err.max():.3g})"
+    )
+
+
+def assert_within_rounded_products(out, ref64, magnitude64, terms: int, operands=torch.bfloat16):
+    """A linear map whose operands are rounded to `operands` (unit roundoff u = ulp / 2) and whose sums of `terms`
+    products run in fp32: each product x w errs by at most |x w| (2u + u^2), the fp32 sum by n 2^-24 sum |x w|
+    (Higham's deterministic bound), the fp32 output by one ulp. `magnitude64` is the map applied to the absolute
+    values (sum |x w| per element), in float64. Worst-case bounds: they hold on any machine and any summation order."""
+    u = ULP[operands] / 2
+    err = (out.double() - ref64).abs()
+    bound = (2 * u + u * u + (terms + 1) * 2.0**-24) * magnitude64 + ULP[torch.float32] * ref64.abs()
     worst = (err - bound).argmax()
     assert torch.all(err <= bound), (
         f"error {err.flatten()[worst]:.3g} > bound {bound.flatten()[worst]:.3g} (max error {err.max():.3g})"
