@@ -57,7 +57,7 @@ else
   modes=(default reduce-overhead)
   # each other case with its budget in seconds (ViT-L's and BEiT's did not finish in 25 s on the H200)
   others=("25 --method mocov3 --arch vit_small --batch 256" "40 --method mocov3 --arch vit_large --batch 64" \
-          "25 --method sit --arch vit_small --batch 128" "40 --method beit --arch vit_base --batch 128" \
+          "25 --method sit --arch vit_small --batch 128" "45 --method beit --arch vit_base --batch 128 --attention auto explicit" \
           "25 --method dino --arch vit_small --batch 64" "25 --method mae --arch vit_base --batch 128")
   data=(--images 1024 --batch 128 --threads 8)
   # seconds: kernel tests, ViT-B per attention kernel, each compile mode, largest batches, data (DALI only: the

@@ -66,6 +66,41 @@ def test_a_failing_variant_is_reported_and_the_others_measured(monkeypatch, caps
     assert "failed, left out: ours (math, eager) mocov3 vit_demo: RuntimeError: kernel failed" in printed
 
 
+def test_the_largest_batch_is_extrapolated_from_two_peaks_and_checked(monkeypatch):
+    """A fake GPU of 100 GB of which 90 are usable, a step needing 4 GB + 0.1 GB per image (2% more per image above
+    800: fragmentation). From the peaks at 64 and 128 images the guess fills 95 GB: (95 - 16.8) / 0.1 + 128 = 910,
+    904 in multiples of 8; it runs out of memory, and a tenth less, 808 (86.4 GB), fits."""
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    import throughput
+
+    memory, peak = 100e9, [0]
+
+    class FakeBench:
+        def __init__(self, setup, device):
+            self.views = []
+
+        def synthetic_views(self, batch):
+            return [batch]
+
+        def step(self):
+            batch = self.views[0]
+            if 4e9 + 0.1e9 * batch * (1.02 if batch > 800 else 1.0) > 0.9 * memory:
+                raise torch.cuda.OutOfMemoryError("out of memory")
+            peak[0] = 4e9 + 0.1e9 * batch
+
+    for name, fake in {
+        "reset_peak_memory_stats": lambda: None,
+        "max_memory_allocated": lambda: peak[0],
+        "empty_cache": lambda: None,
+        "synchronize": lambda: None,
+        "get_device_properties": lambda device: type("Properties", (), {"total_memory": memory}),
+    }.items():
+        monkeypatch.setattr(torch.cuda, name, fake)
+    monkeypatch.setattr(throughput, "Bench", FakeBench)
+    setup = throughput.Setup("vit_base", 128, 224, "bf16")
+    assert throughput.largest_batch(setup, torch.device("cuda")) == 808
+
+
 def test_the_benchmark_times_the_step_train_py_runs(tiny_overrides):
     """throughput.py's step is the engine's, built as train.py builds it: after train.py's first step and the
     benchmark's on the same batch with the same hyperparameters, the same loss and weights, bit for bit."""
