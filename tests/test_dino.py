@@ -93,6 +93,19 @@ def test_the_head_is_dinos():
     assert [m.out_features for m in head.mlp if isinstance(m, torch.nn.Linear)] == [32, 32, 16]
 
 
+def test_the_head_with_batchnorm_is_dinos_use_bn_in_head():
+    """dino.head_bn (the official --use_bn_in_head): BatchNorm before each hidden GELU, at the official head's layer
+    indices (so its state dict's names), with statistics over every crop of the batch at once (the head sees the
+    features of all crops together, as its MultiCropWrapper's head does)."""
+    head = tiny_dino("dino.head_bn=true").online.head.double()
+    kinds = [type(m).__name__ for m in head.mlp]
+    assert kinds == ["Linear", "GlobalBatchNorm1d", "GELU", "Linear", "GlobalBatchNorm1d", "GELU", "Linear"]
+    features = torch.randn(4 * 6, 192, dtype=torch.float64) * 3 + 1  # 6 crops of 4 images
+    normed = head.mlp[:2](features)
+    torch.testing.assert_close(normed.mean(0), torch.zeros(32, dtype=torch.float64), rtol=0, atol=1e-12)
+    torch.testing.assert_close(normed.var(0, unbiased=False), torch.ones(32, dtype=torch.float64), rtol=1e-4, atol=0)
+
+
 def official_interpolate_pos_encoding(pos_embed, patch, w, h):
     """vision_transformer.py's interpolate_pos_encoding, re-derived."""
     N, dim = pos_embed.shape[1] - 1, pos_embed.shape[-1]

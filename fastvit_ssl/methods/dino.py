@@ -28,6 +28,7 @@ from fastvit_ssl.methods.base import Method, momentum_schedule, register, weight
 from fastvit_ssl.methods.ema import ema_update_ref_
 from fastvit_ssl.methods.losses import prototype_cross_entropy_ref
 from fastvit_ssl.models.build import build_encoder
+from fastvit_ssl.models.heads import GlobalBatchNorm1d
 from fastvit_ssl.models.vit import VisionTransformer, normalize_uint8
 from fastvit_ssl.specs import ARCH_SPECS, encoder_flops
 
@@ -42,6 +43,7 @@ class DinoConfig:
     hidden_dim: int = 2048  # the head's MLP
     bottleneck_dim: int = 256  # its L2-normalised output, the last layer's input
     norm_last_layer: bool = True  # the last layer's weight-norm gain fixed at 1 (False: trained; safe for ViT-S)
+    head_bn: bool = False  # BatchNorm after each hidden layer of the head, global over ranks (its use_bn_in_head)
     local_crops: int = 8
     local_size: int = 96
     local_min_scale: float = 0.05
@@ -71,13 +73,18 @@ class WeightNormLinear(nn.Module):
 
 
 class DinoHead(nn.Module):
-    """Linear-GELU-Linear-GELU-Linear (hidden 2048, bottleneck 256), L2 normalisation, the weight-normalised last
-    layer to K prototypes. MLP weights N(0, 0.02) truncated at +-2 (a plain normal), zero biases."""
+    """Linear-GELU-Linear-GELU-Linear (hidden 2048, bottleneck 256; with head_bn a BatchNorm before each GELU),
+    L2 normalisation, the weight-normalised last layer to K prototypes. MLP weights N(0, 0.02) truncated at +-2 (a
+    plain normal), zero biases. Layer indices as the official head's, with or without BatchNorm."""
 
     def __init__(self, in_dim: int, cfg: DinoConfig):
         super().__init__()
         h, b = cfg.hidden_dim, cfg.bottleneck_dim
-        self.mlp = nn.Sequential(nn.Linear(in_dim, h), nn.GELU(), nn.Linear(h, h), nn.GELU(), nn.Linear(h, b))
+
+        def hidden(width_in: int) -> list[nn.Module]:
+            return [nn.Linear(width_in, h), *([GlobalBatchNorm1d(h)] if cfg.head_bn else []), nn.GELU()]
+
+        self.mlp = nn.Sequential(*hidden(in_dim), *hidden(h), nn.Linear(h, b))
         for layer in self.mlp:
             if isinstance(layer, nn.Linear):
                 nn.init.trunc_normal_(layer.weight, std=0.02, a=-2.0, b=2.0)
@@ -123,7 +130,7 @@ class DINO(Method):
     """
 
     name, section, Config = "dino", "dino", DinoConfig
-    model_keys = ("out_dim", "hidden_dim", "bottleneck_dim", "norm_last_layer")
+    model_keys = ("out_dim", "hidden_dim", "bottleneck_dim", "norm_last_layer", "head_bn")
     backbone_name = "online.encoder"
     ema_modules = {"online.encoder": "teacher_encoder", "online.head": "teacher_head"}
     lr_warmup = "linspace"  # its cosine_scheduler
