@@ -250,7 +250,7 @@ def largest_batch(setup: Setup, device: torch.device) -> int | str:
     """A per-GPU batch (multiple of 8) that one step of `setup` fits, within ~10% of the largest: the peak memory at
     half and full batch gives the fixed and per-image bytes (activations grow linearly with the batch), the guess
     fills 95% of the GPU, and one step checks it (shrinking by a tenth until one fits). One build, a few steps: a
-    search by doubling took over 50 s per setup for ViT-B on an H200 (2026-12-04)."""
+    search by doubling, a build per trial, did not finish ViT-B's three setups in 50 s on an H200 (2026-12-04)."""
     if device.type != "cuda":
         return ""
     bench = Bench(setup, device)
