@@ -9,6 +9,7 @@ from __future__ import annotations
 import functools
 import logging
 import math
+import sys
 from collections.abc import Callable
 
 import torch
@@ -231,8 +232,10 @@ def begin_graph_step() -> None:
     """Tell CUDA graphs (blocks compiled in reduce-overhead or max-autotune mode) that a new step begins: what the
     last step's graphs returned may then be overwritten, and no sooner. Without it each compiled block call would
     count as a new step (they are top-level compiled calls), and a no-grad pass (a momentum encoder, an evaluation)
-    would overwrite a block's output before the next block had read it. A counter: free where no graphs are."""
-    torch.compiler.cudagraph_mark_step_begin()
+    would overwrite a block's output before the next block had read it. Only once something was compiled: the
+    first call imports the compiler (seconds), which an eager run never needs."""
+    if "torch._inductor" in sys.modules:
+        torch.compiler.cudagraph_mark_step_begin()
 
 
 class VisionTransformer(nn.Module):
