@@ -19,6 +19,9 @@ from fastvit_ssl.optim import schedules
 
 REPO = Path(__file__).resolve().parents[1]
 CPU = torch.device("cpu")
+sys.path.insert(0, str(REPO / "benchmarks"))
+
+import throughput  # noqa: E402
 
 
 def run_script(name: str, args: list[str], out: Path) -> list[dict]:
@@ -48,9 +51,6 @@ def test_throughput_compares_ours_on_uint8_views_with_the_baseline(tmp_path, met
 
 def test_a_failing_variant_is_reported_and_the_others_measured(monkeypatch, capsys):
     """One variant that breaks (a compiler or kernel error on a GPU) must not cost the rest of the matrix."""
-    sys.path.insert(0, str(REPO / "benchmarks"))
-    import throughput
-
     step = throughput.Bench.step
 
     def breaks_with_math(bench):
@@ -70,9 +70,6 @@ def test_the_largest_batch_is_extrapolated_from_two_peaks_and_checked(monkeypatc
     """A fake GPU of 100 GB of which 90 are usable, a step needing 4 GB + 0.1 GB per image (2% more per image above
     800: fragmentation). From the peaks at 64 and 128 images the guess fills 95 GB: (95 - 16.8) / 0.1 + 128 = 910,
     904 in multiples of 8; it runs out of memory, and a tenth less, 808 (86.4 GB), fits."""
-    sys.path.insert(0, str(REPO / "benchmarks"))
-    import throughput
-
     memory, peak = 100e9, [0]
 
     class FakeBench:
@@ -104,13 +101,10 @@ def test_the_largest_batch_is_extrapolated_from_two_peaks_and_checked(monkeypatc
 def test_the_benchmark_times_the_step_train_py_runs(tiny_overrides):
     """throughput.py's step is the engine's, built as train.py builds it: after train.py's first step and the
     benchmark's on the same batch with the same hyperparameters, the same loss and weights, bit for bit."""
-    sys.path.insert(0, str(REPO / "benchmarks"))
-    from throughput import Ours
-
     overrides = [*tiny_overrides, "run.stop_at_step=1", "eval.knn_every_epochs=0"]
     summary = train.main(overrides)
     cfg = load(train.DEFAULT_CONFIG, overrides)  # what train.main(overrides) loads
-    ours = Ours(cfg, CPU)
+    ours = throughput.Ours(cfg, CPU)
     method = type(ours.model)
     loader = build_train_data(cfg, Path(cfg.data.root), CPU, method.views(cfg))[0]
     loader.start(0)
