@@ -29,8 +29,9 @@ def test_loss_is_the_symmetric_contrastive_loss_of_the_paper():
     torch.testing.assert_close(loss, expected, rtol=1e-12, atol=0)  # roundoff 1.1e-16 through ~100 ops
 
 
-def test_one_encoder_pass_for_both_views_equals_one_pass_per_view():
-    """In float64: the same losses and gradients (the heads' BN still sees each view on its own)."""
+def test_one_pass_for_both_views_equals_one_pass_per_view():
+    """In float64: the same losses, gradients and BN running statistics (the heads' BN sees each view on its own,
+    its running statistics move once per view, in the views' order)."""
     x1, x2 = torch.randn(2, 6, 3, 14, 14, dtype=torch.float64)
     runs = []
     for one_pass in (True, False):
@@ -38,11 +39,15 @@ def test_one_encoder_pass_for_both_views_equals_one_pass_per_view():
         model.encode_views_in_one_pass(one_pass)
         loss = model.step_losses([x1, x2], step=0, hparams=Hyperparameters(0.0, 0.0, 0.99))["loss"]
         loss.backward()
-        runs.append((loss, [p.grad for p in model.online.parameters() if p.grad is not None]))
-    (loss, grads), (loss2, grads2) = runs
+        grads = [p.grad for p in model.online.parameters() if p.grad is not None]
+        runs.append((loss, grads, [b for name, b in model.named_buffers() if "running" in name]))
+    (loss, grads, stats), (loss2, grads2, stats2) = runs
     torch.testing.assert_close(loss, loss2, rtol=1e-12, atol=0)  # fp64 roundoff through ~100 ops: < 1e-14
     for a, b in zip(grads, grads2, strict=True):
         torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12 * max(g.abs().max() for g in grads2).item())
+    assert len(stats) == 2 * (3 + 2 + 3)  # mean and variance of the projector's, predictor's, momentum projector's BN
+    for a, b in zip(stats, stats2, strict=True):  # of O(1) activations (some of zero mean): roundoff ~1e-16
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
 
 
 def test_momentum_encoder_starts_equal_gets_no_gradient_and_follows_the_ema():

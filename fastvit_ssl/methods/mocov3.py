@@ -53,13 +53,16 @@ OFFICIAL_NAMES = [  # official (after `module.`) -> ours; the heads first, they 
 ]
 
 
-def encode_views(encoder: nn.Module, x1: torch.Tensor, x2: torch.Tensor, one_pass: bool) -> list[torch.Tensor]:
-    """Features [N, D] of both views: one encoder pass over the 2N images (a ViT has no op across samples, so it
-    equals two passes, in half the kernel launches and with twice the rows per matrix product), or one pass per
-    view as the official code."""
+def encode_views(
+    encoder: nn.Module, head: Callable, x1: torch.Tensor, x2: torch.Tensor, one_pass: bool
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """head(encoder(x)) [N, dim] of both views: one pass over the 2N images, in half the kernel launches and with
+    twice the rows per matrix product (a ViT has no op across samples; the head sees (2, N, C) and its BN normalises
+    each view over its own N rows), equal to one pass per view, as the official code runs it."""
     if one_pass:
-        return list(encoder(torch.cat([x1, x2])).chunk(2))  # (2N, D) -> 2 x (N, D)
-    return [encoder(x1), encoder(x2)]
+        z = head(encoder(torch.cat([x1, x2])).unflatten(0, (2, -1)))  # (2N, D) -> (2, N, D) -> (2, N, dim)
+        return z[0], z[1]
+    return head(encoder(x1)), head(encoder(x2))
 
 
 class QueryNetwork(nn.Module):
@@ -75,8 +78,10 @@ class QueryNetwork(nn.Module):
 
     def forward(self, x1: torch.Tensor, x2: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """[N, C, H, W] x 2 -> queries q1, q2 [N, dim]; the heads' BN sees each view on its own."""
-        f1, f2 = encode_views(self.base_encoder, x1, x2, self.one_pass)
-        return self.predictor(self.base_projector(f1)), self.predictor(self.base_projector(f2))
+        return encode_views(self.base_encoder, self.heads, x1, x2, self.one_pass)
+
+    def heads(self, features: torch.Tensor) -> torch.Tensor:
+        return self.predictor(self.base_projector(features))
 
 
 @register
@@ -187,8 +192,7 @@ class MoCoV3(Method):
     @torch.no_grad()
     def targets(self, batch) -> tuple[torch.Tensor, torch.Tensor]:
         """Momentum encoder + projector: keys k1, k2 [N, dim], from the views the queries see."""
-        f1, f2 = encode_views(self.momentum_encoder, *batch["views"][:2], self.online.one_pass)
-        return self.momentum_projector(f1), self.momentum_projector(f2)
+        return encode_views(self.momentum_encoder, self.momentum_projector, *batch["views"][:2], self.online.one_pass)
 
     def online_inputs(self, batch) -> tuple:
         return tuple(batch["views"][:2])

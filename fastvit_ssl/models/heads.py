@@ -34,15 +34,19 @@ class GlobalBatchNorm1d(nn.BatchNorm1d):
     """
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x32 = x.to(torch.promote_types(x.dtype, torch.float32))  # (N, C)
+        """x: (N, C), or (V, N, C): V groups (the views of a step) each normalised over its own N rows, running
+        statistics updated group after group: what V calls on (N, C) compute, in one pass."""
+        x32 = x.to(torch.promote_types(x.dtype, torch.float32))
         if self.training or not self.track_running_stats:
             world = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
             all_sum = _AllReduceSum.apply if world > 1 else lambda t: t
-            count = x.shape[0] * world
-            mean = all_sum(x32.sum(dim=0)) / count  # (C,)
-            var = all_sum((x32 - mean).square().sum(dim=0)) / count  # biased, as used for normalising
+            count = x.shape[-2] * world
+            mean = all_sum(x32.sum(dim=-2, keepdim=True)) / count  # (V, 1, C) or (1, C)
+            var = all_sum((x32 - mean).square().sum(dim=-2, keepdim=True)) / count  # biased, as used for normalising
             if self.training and self.track_running_stats:
-                self._update_running_stats(mean.detach(), var.detach() * count / max(count - 1, 1))
+                unbiased = var.detach() * count / max(count - 1, 1)
+                for group_mean, group_var in zip(mean.detach().flatten(0, -2), unbiased.flatten(0, -2)):
+                    self._update_running_stats(group_mean, group_var)
         else:
             mean, var = self.running_mean.to(x32.dtype), self.running_var.to(x32.dtype)
         y = (x32 - mean) * torch.rsqrt(var + self.eps)
