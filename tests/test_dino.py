@@ -73,6 +73,26 @@ def test_the_loss_is_dinos_and_the_centre_moves_after_it():
     torch.testing.assert_close(method.center, before * 0.9 + targets.mean(0, keepdim=True) * 0.1, rtol=1e-12, atol=0)
 
 
+def test_the_loss_parts_are_the_papers_signs_of_collapse():
+    """The teacher targets' entropy and the student's KL divergence from them (DINO, section 5.3), re-derived with
+    other formulas in fp64; they add up to the loss."""
+    method = tiny_dino().double()
+    views = [v.double() for v in crops()]
+    center = torch.randn(1, 64, generator=torch.Generator().manual_seed(2), dtype=torch.float64)
+    method.center.copy_(center)
+    batch = {**method.prepare(views, 0), "hparams": Schedules(load(None, [*DINO_TINY, *DEMO_28]), DINO, 1).at(0)}
+    outputs, targets = method.online(*views), method.targets(batch)
+    parts = method.losses(outputs, targets, batch)
+    q = F.softmax((targets - center) / 0.04, dim=-1).chunk(2)  # each global crop's targets
+    log_p = F.log_softmax(outputs / 0.1, dim=-1).chunk(4)  # each crop's student
+    entropy = torch.cat([torch.distributions.Categorical(probs=qi).entropy() for qi in q]).mean()
+    pairs = [F.kl_div(log_p[v], qi, reduction="batchmean") for i, qi in enumerate(q) for v in range(4) if v != i]
+    torch.testing.assert_close(parts["loss/teacher_entropy"], entropy, rtol=1e-12, atol=0)
+    # KL = loss - entropy: a difference of two O(ln 64) numbers, so its error is ~1e-16 of those, not of KL
+    torch.testing.assert_close(parts["loss/kl"], torch.stack(pairs).mean(), rtol=0, atol=1e-12)
+    assert parts["loss/kl"] > 0 and 0 < parts["loss/teacher_entropy"] < math.log(64)
+
+
 def test_the_head_is_dinos():
     """The weight-normalised last layer equals torch's weight_norm on the same v and g (DINO's nn.utils.weight_norm);
     with norm_last_layer its gain stays 1 and untrained; the bottleneck is L2-normalised."""

@@ -247,16 +247,21 @@ class DINO(Method):
         return self.teacher_head(encode_crops(self.teacher_encoder, batch["views"][:GLOBAL_CROPS]))
 
     def losses(self, outputs, targets, batch) -> dict[str, torch.Tensor]:
-        """The loss with the current centre; then the centre moves towards this step's teacher mean (global)."""
+        """The loss with the current centre, and its two parts, the paper's signs of collapse (its section 5.3):
+        the entropy of the teacher's targets (ln K: uniform collapse; 0: one prototype) and the KL divergence of
+        the student from them (0: the student copies a collapsed teacher); loss = entropy + KL. Then the centre
+        moves towards this step's teacher mean (global)."""
         c = self.cfg
         temp = batch["hparams"].values["teacher_temp"]
         loss = self.loss_fn(outputs, targets, self.center, c.student_temp, temp, GLOBAL_CROPS)
         with torch.no_grad():
             wide = targets.to(torch.promote_types(targets.dtype, torch.float32))  # bf16 sums in fp32; fp64 stays
+            log_q = F.log_softmax((wide - self.center.to(wide.dtype)) / temp, dim=-1)  # (2B, K), the targets
+            entropy = -(log_q.exp() * log_q).sum(-1).mean()  # every teacher crop is in as many pairs
             mean = distributed.all_reduce_sum(wide.sum(0, keepdim=True))
             mean = mean / (targets.shape[0] * distributed.world_size())  # (1, K)
             self.center.mul_(c.center_momentum).add_(mean.to(self.center.dtype), alpha=1 - c.center_momentum)
-        return {"loss": loss}
+        return {"loss": loss, "loss/teacher_entropy": entropy, "loss/kl": loss.detach() - entropy}
 
     def param_groups(self) -> list[dict]:
         """The official groups (no weight decay for biases and 1-D tensors), the head's last layer on its own: it
