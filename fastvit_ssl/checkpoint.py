@@ -128,19 +128,29 @@ def load(path: Path) -> dict[str, Any]:
         ) from None
 
 
-RUN_SETTINGS = (("data", "root"), ("data", "batch_size"), ("optim", "epochs"), ("optim", "warmup_epochs"))
+# what a run is besides its model and method: its data, batch and augmentation, its seed, and its optimizer and
+# schedules (every key of `optim`)
+RUN_SETTINGS = (
+    ("data", "root"),
+    ("data", "batch_size"),
+    ("data", "min_scale"),
+    ("data", "interpolation"),
+    ("run", "seed"),
+)
 
 
 def check_compatible(stored_cfg: dict[str, Any], current_cfg: dict[str, Any], path: Path) -> None:
-    """The model (config.model_differences), the method's settings, the data, the batch size and the schedule
-    decide what the run is: all must match to continue from the checkpoint. How the model runs (activation
-    checkpointing, compilation, the attention kernel, the kernels) may change. Keys a stored config lacks (written
-    before they existed) count as their defaults."""
+    """The model (config.model_differences), the method's settings, the data, the batch size, the augmentation,
+    the seed, the optimizer and its schedules decide what the run is: all must match to continue from the
+    checkpoint (a resume continues exactly). How the model runs (activation checkpointing, compilation, the
+    attention kernel, the kernels), logging, checkpointing and evaluation may change. Keys a stored config lacks
+    (written before they existed) count as their defaults."""
     run, stored = from_dict(current_cfg), from_dict(stored_cfg)
     diffs = [f"{k}: checkpoint {a!r}, this run {b!r}" for k, a, b in model_differences(stored, run)]
     section = METHODS[run.method.name].section
     if not diffs:
-        keys = [(section, k) for k in dataclasses.asdict(run.method_section)] + list(RUN_SETTINGS)
+        keys = [(section, k) for k in dataclasses.asdict(run.method_section)]
+        keys += [("optim", k) for k in dataclasses.asdict(run.optim)] + list(RUN_SETTINGS)
         there, here = stored.to_dict(), run.to_dict()
         diffs = [
             f"{s}.{k}: checkpoint {there[s][k]!r}, this run {here[s][k]!r}"

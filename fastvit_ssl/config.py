@@ -309,10 +309,16 @@ def validate(cfg: Config) -> None:
                 f"optim.warmup_epochs={cfg.optim.warmup_epochs:g} must lie in [0, optim.epochs={cfg.optim.epochs}): "
                 "lower the warm-up or raise optim.epochs",
             ),
+            (
+                0 <= cfg.optim.min_lr <= cfg.optim.base_lr,
+                f"optim.min_lr={cfg.optim.min_lr:g} must lie in [0, optim.base_lr={cfg.optim.base_lr:g}]: the cosine "
+                "falls from the peak lr (base_lr x batch / 256) to this absolute value, usually 0 or 1e-6",
+            ),
             (cfg.optim.clip_grad >= 0, "optim.clip_grad must be >= 0 (0 disables clipping)"),
             (cfg.eval.knn_k > 0, "eval.knn_k must be positive"),
             (cfg.eval.knn_temperature > 0, "eval.knn_temperature must be positive"),
             (cfg.eval.knn_every_epochs >= 0, "eval.knn_every_epochs must be >= 0"),
+            (0 <= cfg.run.seed < 2**63, "run.seed must be a non-negative integer (below 2**63)"),
             (cfg.run.log_every > 0, "run.log_every must be positive"),
             (cfg.run.ckpt_every >= 0 and cfg.run.keep_last >= 0, "run.ckpt_every and run.keep_last must be >= 0"),
             (cfg.run.stop_at_step >= 0, "run.stop_at_step must be >= 0"),

@@ -73,7 +73,10 @@ def record_start(run_dir: Path, cfg: config.Config, device: torch.device, start_
     first = run_dir / "config.yaml"
     if not first.exists():
         config.save_yaml(cfg, first)
-    elif config.from_dict(yaml.safe_load(first.read_text()) or {}).to_dict() != cfg.to_dict():
-        changed = run_dir / f"config.resumed-step{start_step}.yaml"
-        config.save_yaml(cfg, changed)
-        log.info("settings differ from %s at this resume: saved as %s", first.name, changed.name)
+    else:
+        before, now = config.from_dict(yaml.safe_load(first.read_text()) or {}).to_dict(), cfg.to_dict()
+        changed = [f"{s}.{k}: {before[s][k]!r} -> {v!r}" for s in now for k, v in now[s].items() if before[s][k] != v]
+        if changed:
+            path = run_dir / f"config.resumed-step{start_step}.yaml"
+            config.save_yaml(cfg, path)
+            log.info("settings changed at this resume (%s): saved as %s", "; ".join(changed), path.name)

@@ -39,6 +39,8 @@ def test_yaml_then_cli_overrides(tmp_path):
         ("optim.name=adam", "is not one of adamw, lars, lamb"),
         ("model.img_size=230", "multiple of vit_base's patch 16"),
         ("optim.warmup_epochs=400", "optim.warmup_epochs=400 must lie in [0, optim.epochs=300)"),
+        ("optim.min_lr=1", "optim.min_lr=1 must lie in [0, optim.base_lr=0.00015]"),
+        ("run.seed=-3", "run.seed must be a non-negative integer"),
         ("lr", "must look like section.key=value"),
         ("optim.base_lr.x=1", "must name section.key"),
     ],

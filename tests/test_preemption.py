@@ -148,6 +148,11 @@ def test_a_resume_with_other_settings_names_them_and_writes_nothing(tiny_overrid
     message = str(error.value)
     assert "data.batch_size: checkpoint 8, this run 4" in message and "optim.warmup_epochs: checkpoint 1" in message
     assert "another run.name" in message
+    trajectory = ["optim.base_lr=0.05", "optim.name=lars", "run.seed=7", "data.min_scale=0.9"]  # exact resume
+    with pytest.raises(IncompatibleCheckpoint) as error:
+        train.main([*tiny_overrides, *EVAL_OFF, *trajectory])
+    for key in ("optim.base_lr", "optim.name", "run.seed", "data.min_scale"):
+        assert f"{key}: checkpoint" in str(error.value)
     with pytest.raises(DataError):
         train.main([*tiny_overrides, *EVAL_OFF, "data.root=/nonexistent/folder", "run.name=tiny"])
     assert {p.name: p.read_bytes() for p in run_dir.iterdir() if p.is_file()} == before  # untouched
@@ -168,7 +173,7 @@ def test_a_resume_may_change_how_the_model_runs_not_what_it_is(tiny_overrides):
     assert starts == [0, 2, 3] and summary["steps"] > 3
 
 
-def test_a_resume_records_its_start_and_keeps_the_first_config(tiny_overrides):
+def test_a_resume_records_its_start_and_keeps_the_first_config(tiny_overrides, caplog):
     train.main([*tiny_overrides, *EVAL_OFF, "run.stop_at_step=2"])
     summary = train.main([*tiny_overrides, *EVAL_OFF, "run.log_every=2"])
     run_dir = Path(summary["run_dir"])
@@ -176,6 +181,7 @@ def test_a_resume_records_its_start_and_keeps_the_first_config(tiny_overrides):
     assert [s["step"] for s in starts] == [0, 2] and starts[0]["git_commit"]
     assert "log_every: 1" in (run_dir / "config.yaml").read_text()
     assert "log_every: 2" in (run_dir / "config.resumed-step2.yaml").read_text()
+    assert "settings changed at this resume (run.log_every: 1 -> 2; run.stop_at_step: 2 -> 0)" in caplog.text
 
 
 def test_evaluation_without_a_val_folder_is_one_line(tiny_overrides, dataset_root, tmp_path):
