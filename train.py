@@ -59,6 +59,7 @@ def main(argv: list[str] | None = None) -> dict:
             f"{world} processes; use a multiple of {world}"
         )
     run_dir = Path(cfg.run.out_dir) / cfg.run.name  # nothing is written there before everything is validated
+    runinfo.check_writable(run_dir, "the run folder (run.out_dir/run.name)")
     torch.manual_seed(cfg.run.seed)
     torch.use_deterministic_algorithms(cfg.run.deterministic)
 
@@ -66,6 +67,11 @@ def main(argv: list[str] | None = None) -> dict:
     data_root = resolve_root(cfg)
     loader, train_samples, classes = build_train_data(cfg, data_root, device, method.views(cfg))
     eval_data = build_eval_data(cfg, data_root, train_samples, classes)
+    if eval_data is None and distributed.is_main():
+        log.warning(
+            "no kNN evaluation and no pictures: they need labelled images in %s/val/<class>/ beside train/<class>/",
+            data_root,
+        )
     method.before_training(cfg, run_dir, data_root)  # e.g. BEiT's tokenizer, trained into the run folder once
     ops = select_ops(cfg.run.kernels, device)
     model = build_method(cfg, ops).to(device)

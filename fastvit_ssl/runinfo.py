@@ -54,6 +54,19 @@ def device_name(device: torch.device) -> str:
     return f"{platform.processor() or platform.machine()} CPU, {torch.get_num_threads()} threads"
 
 
+def check_writable(folder: Path, what: str) -> None:
+    """A ConfigError unless `folder` is, or can be made as, a folder this process writes to (its nearest existing
+    ancestor is a writable folder), checked before anything is written."""
+    existing = folder.expanduser().absolute()
+    while not existing.exists():
+        existing = existing.parent
+    problem = "is not a folder" if not existing.is_dir() else "is not writable"
+    if not existing.is_dir() or not os.access(existing, os.W_OK | os.X_OK):
+        raise config.ConfigError(
+            f"{what} {folder} cannot be written: {existing} {problem}; pass a folder you can write to"
+        )
+
+
 def record_start(run_dir: Path, cfg: config.Config, device: torch.device, start_step: int) -> None:
     """Called once validation has passed. Appends this start to run_info.jsonl (git commit, versions, device,
     ranks, command, step); writes config.yaml at the first start. A resume whose settings differ from config.yaml

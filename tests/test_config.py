@@ -99,3 +99,21 @@ def test_shipped_configs_load(path):
     else:
         cfg = load(path)
     assert cfg.run.name == path.stem
+
+
+def test_a_run_folder_that_cannot_be_written_is_one_line_before_any_work(tmp_path):
+    blocker = tmp_path / "a_file"
+    blocker.write_text("")
+    result = subprocess.run(
+        [sys.executable, str(REPO / "train.py"), f"run.out_dir={blocker / 'runs'}"],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+        timeout=120,
+    )
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines() == [
+        f"error: the run folder (run.out_dir/run.name) {blocker / 'runs' / 'demo'} cannot be written: {blocker} is "
+        "not a folder; pass a folder you can write to"
+    ]
+    assert list(tmp_path.iterdir()) == [blocker]  # no demo data, no run folder

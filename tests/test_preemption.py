@@ -184,7 +184,7 @@ def test_a_resume_records_its_start_and_keeps_the_first_config(tiny_overrides, c
     assert "settings changed at this resume (run.log_every: 1 -> 2; run.stop_at_step: 2 -> 0)" in caplog.text
 
 
-def test_evaluation_without_a_val_folder_is_one_line(tiny_overrides, dataset_root, tmp_path):
+def test_evaluation_without_a_val_folder_is_one_line(tiny_overrides, dataset_root, tmp_path, caplog):
     summary = train.main([*tiny_overrides, *EVAL_OFF, "run.stop_at_step=1"])
     only_train = tmp_path / "only_train"
     only_train.mkdir()
@@ -208,6 +208,8 @@ def test_evaluation_without_a_val_folder_is_one_line(tiny_overrides, dataset_roo
         )
         assert result.returncode == 2 and "Traceback" not in result.stderr
         assert f"{only_train / 'val'} missing: pass --data with a folder holding both" in result.stderr
+    train.main([*tiny_overrides, *EVAL_OFF, "run.stop_at_step=1", f"data.root={only_train}", "run.name=no_val"])
+    assert f"no kNN evaluation and no pictures: they need labelled images in {only_train}/val/" in caplog.text
 
 
 def test_a_config_error_under_torchrun_is_printed_once(tiny_overrides, tmp_path):
