@@ -169,3 +169,14 @@ def test_empty_class_folders_and_empty_data_are_named(tmp_path):
         timeout=300,
     )
     assert result.returncode == 2 and "no images" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_ctrl_c_outside_the_training_steps_is_one_line(tmp_path):
+    """Set-up, a tokenizer's training, the final evaluation: Python's own SIGINT handler is in force there."""
+    script = "import os, signal\nfrom fastvit_ssl.cli import run\nrun(lambda: os.kill(os.getpid(), signal.SIGINT))\n"
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60)
+    assert result.returncode == 130
+    assert result.stderr.splitlines() == [
+        "interrupted (Ctrl-C) where nothing is saved (outside the training steps); rerun the same command: training "
+        "continues from the newest checkpoint in its run folder"
+    ]
