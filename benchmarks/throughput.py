@@ -1,4 +1,4 @@
-"""End-to-end training throughput of a method (MoCo v3; SiT or BEiT with --method): images/s, step time, model
+r"""End-to-end training throughput of a method (MoCo v3; SiT or BEiT with --method): images/s, step time, model
 TFLOP/s and MFU, peak memory, warm-up time and a per-phase breakdown, for our step and for the official code's.
 
     python benchmarks/throughput.py --arch vit_small --batch 32                    # our step
@@ -321,39 +321,56 @@ def row(bench: Bench, times: list[float], peak: float, phase_reps: int, warmup: 
     }
 
 
-class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
-    """The docstring as written, and every option's default."""
-
-
 def parse_args(argv):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
-    parser.add_argument("--method", default=DEFAULT_METHOD, choices=[*METHODS, "all"], help="all: with --suite")
-    parser.add_argument("--arch", default="vit_small", choices=sorted(ARCH_SPECS), help="the ViT")
-    parser.add_argument("--batch", type=int, default=32, help="images per step (one device)")
-    parser.add_argument("--img-size", type=int, default=224, help="pixels")
-    parser.add_argument("--precision", choices=["fp32", "bf16", "fp16"], help="default: bf16 / fp16 on CUDA, fp32 CPU")
-    parser.add_argument("--kernels", choices=["fused", "reference"], help="ours' (default: fused on CUDA)")
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument(
+        "--method", default=DEFAULT_METHOD, choices=[*METHODS, "all"], help="all: with --suite (default: %(default)s)"
+    )
+    parser.add_argument(
+        "--arch", default="vit_small", choices=sorted(ARCH_SPECS), help="the ViT (default: %(default)s)"
+    )
+    parser.add_argument("--batch", type=int, default=32, help="images per step (one device) (default: %(default)s)")
+    parser.add_argument("--img-size", type=int, default=224, help="pixels (default: %(default)s)")
+    parser.add_argument(
+        "--precision",
+        choices=["fp32", "bf16", "fp16"],
+        help="(default: on CUDA bf16 for ours, fp16 for the baseline; fp32 on a CPU)",
+    )
+    parser.add_argument(
+        "--kernels", choices=["fused", "reference"], help="ours' (default: fused on CUDA, reference on a CPU)"
+    )
     parser.add_argument(
         "--attention",
         nargs="+",
         default=["auto"],
-        help="ours' model.attention, one eager run each (unavailable: skipped)",
+        help="ours' model.attention, one eager run each (unavailable: skipped) (default: auto)",
     )
     parser.add_argument(
         "--compile", nargs="*", help="ours compiled with the first --attention, one run per mode (no mode: default)"
     )
-    parser.add_argument("--engine", choices=["local", "deepspeed"], default="local", help="ours' engine")
+    parser.add_argument(
+        "--engine", choices=["local", "deepspeed"], default="local", help="ours' engine (default: %(default)s)"
+    )
     parser.add_argument("--baseline", action="store_true", help="the official code's step only (both forms)")
     parser.add_argument("--compare", action="store_true", help="ours and both forms of the baseline, with ratios")
-    parser.add_argument("--forms", nargs="+", default=[PINNED, MODERN], help="the baseline's attention forms")
+    parser.add_argument(
+        "--forms",
+        nargs="+",
+        default=[PINNED, MODERN],
+        help=f"the baseline's attention forms (default: {PINNED} {MODERN})",
+    )
     parser.add_argument("--data", type=Path, help="an ImageFolder root with train/ (default: synthetic tensors)")
-    parser.add_argument("--backend", choices=["auto", "torch", "dali"], default="auto", help="with --data")
+    parser.add_argument(
+        "--backend", choices=["auto", "torch", "dali"], default="auto", help="with --data (default: %(default)s)"
+    )
     parser.add_argument("--uint8-views", action="store_true", help="ours takes uint8 NHWC views (data.uint8_views)")
     parser.add_argument(
         "--suite", action="store_true", help="the method's suite cases (Method.suite), ours and the baseline"
     )
     parser.add_argument("--max-batch", action="store_true", help="also search the largest batch each fits (CUDA)")
-    parser.add_argument("--steps", type=int, default=6, help="timed rounds (the setups alternate)")
+    parser.add_argument(
+        "--steps", type=int, default=6, help="timed rounds (the setups alternate) (default: %(default)s)"
+    )
     parser.add_argument("--out", type=Path, help="CSV (and a .json beside it)")
     return parser.parse_args(argv)
 

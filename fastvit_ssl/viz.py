@@ -12,19 +12,22 @@ its similarity, green when its class matches the query's, red when not.
 from __future__ import annotations
 
 import argparse
+import logging
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from PIL import Image
 from torch.utils.data import DataLoader
 
-from fastvit_ssl.data.build import resolve_root
-from fastvit_ssl.data.folder import IMAGE_EXTENSIONS, DataError, labelled_root, load_rgb, scan_image_folder
+from fastvit_ssl.data.folder import IMAGE_EXTENSIONS, DataError, load_rgb, scan_image_folder
 from fastvit_ssl.data.preview import to_image
 from fastvit_ssl.data.torch_pipeline import EvalDataset, eval_transform
-from fastvit_ssl.eval.encoder import load_encoder
+from fastvit_ssl.eval.encoder import eval_root, load_encoder
 from fastvit_ssl.eval.knn import extract_features
 from fastvit_ssl.models.vit import VisionTransformer
+
+log = logging.getLogger(__name__)
 
 
 @torch.no_grad()
@@ -62,6 +65,20 @@ def image_files(sources: list[Path], limit: int) -> list[Path]:
     return files[:: max(1, len(files) // limit)][:limit]
 
 
+def readable_images(files: list[Path]) -> list[Image.Image]:
+    """The images of `files` as RGB; an unreadable file is skipped with a warning that names it, and a DataError
+    says when none is left."""
+    images = []
+    for path in files:
+        try:
+            images.append(load_rgb(str(path)))
+        except (OSError, ValueError, Image.DecompressionBombError, SyntaxError) as e:
+            log.warning("skipping unreadable image %s (%s: %s)", path, type(e).__name__, e)
+    if not images:
+        raise DataError(f"--images: none of the {len(files)} file(s) could be read as an image (each named above)")
+    return images
+
+
 def plot_attention(images: torch.Tensor, maps: torch.Tensor, out: Path) -> Path:
     """One row per image: the image, the heads' mean attention over it, each head's attention."""
     import matplotlib
@@ -97,7 +114,7 @@ def plot_attention(images: torch.Tensor, maps: torch.Tensor, out: Path) -> Path:
 
 def attention_picture(encoder: VisionTransformer, files: list[Path], out: Path) -> Path:
     size, weight = encoder.patch_embed.img_size, next(encoder.parameters())
-    images = torch.stack([eval_transform(load_rgb(str(f)), size) for f in files])
+    images = torch.stack([eval_transform(image, size) for image in readable_images(files)])
     maps = class_attention(encoder, images.to(weight.device, weight.dtype))  # bf16 weights under DeepSpeed
     return plot_attention(images, maps.float().cpu(), out)
 
@@ -172,7 +189,7 @@ def main(argv: list[str] | None = None) -> Path:
     if args.picture == "attention":
         out = attention_picture(encoder, image_files(args.images, args.max_images), args.out)
     else:
-        out = neighbours_picture(encoder, labelled_root(args.data or resolve_root(cfg)), args.out, args.k)
+        out = neighbours_picture(encoder, eval_root(cfg, args.data), args.out, args.k)
     print(f"wrote {out}")
     return out
 

@@ -1,9 +1,11 @@
-"""fastvit_ssl.viz: the class-token attention against a plain computation, and both pictures from a checkpoint."""
+"""fastvit_ssl.viz: the class-token attention against a plain computation, both pictures from a checkpoint, and
+unreadable --images skipped."""
 
+import pytest
 import torch
 
 import train
-from fastvit_ssl import viz
+from fastvit_ssl import cli, viz
 from fastvit_ssl.models.vit import VisionTransformer
 
 
@@ -35,3 +37,26 @@ def test_both_pictures_from_a_run(tiny_overrides, dataset_root, tmp_path):
     assert out.stat().st_size > 5000
     out = viz.main(["neighbours", "--checkpoint", run, "--k", "3", "--out", str(tmp_path / "n.png")])
     assert out.stat().st_size > 5000
+
+
+def test_unreadable_images_are_skipped_and_none_readable_is_a_user_error(
+    tiny_overrides, dataset_root, tmp_path, caplog, capsys
+):
+    run = train.main([*tiny_overrides, "run.stop_at_step=1"])["run_dir"]
+    good = sorted((dataset_root / "val").rglob("*.jpg"))[0]
+    truncated, text = tmp_path / "truncated.jpg", tmp_path / "notes.txt"
+    truncated.write_bytes(good.read_bytes()[:200])
+    text.write_text("not an image")
+    args = ["attention", "--checkpoint", run, "--out", str(tmp_path / "a.png"), "--images"]
+    assert viz.main([*args, str(truncated), str(good), str(text)]).stat().st_size > 5000
+    assert (
+        f"skipping unreadable image {truncated}" in caplog.text and f"skipping unreadable image {text}" in caplog.text
+    )
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as stopped:
+        cli.run(lambda: viz.main([*args, str(truncated), str(text)]))
+    assert stopped.value.code == 2
+    assert (
+        capsys.readouterr().err
+        == "error: --images: none of the 2 file(s) could be read as an image (each named above)\n"
+    )

@@ -8,6 +8,7 @@ are the keys under the method's backbone (Method.backbone_name; older `module.` 
 
 from __future__ import annotations
 
+import sys
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
@@ -17,6 +18,8 @@ import torch
 from fastvit_ssl import checkpoint
 from fastvit_ssl.checkpoint import CheckpointError
 from fastvit_ssl.config import Config, from_dict
+from fastvit_ssl.data.build import resolve_root
+from fastvit_ssl.data.folder import labelled_root
 from fastvit_ssl.methods.base import METHODS, method_class
 from fastvit_ssl.models.build import build_encoder
 from fastvit_ssl.models.vit import VisionTransformer
@@ -30,6 +33,24 @@ def random_encoder(cfg: Config, **overrides) -> VisionTransformer:
     """The randomly initialised encoder a run started from (the same seeded draw), the baseline of evaluations."""
     torch.manual_seed(cfg.run.seed)
     return build_encoder(cfg, **(EVAL_KERNELS | overrides))
+
+
+def eval_root(cfg: Config, data: Path | None) -> Path:
+    """The folder with the labelled train/ and val/ an evaluation reads: `data` (--data), else the run's data.root,
+    else the demo data set under run.out_dir (relative: the current folder), which is written on first use and then
+    said on stderr, as train.py logs it."""
+    if data is not None:
+        return labelled_root(data)
+    demo = Path(cfg.run.out_dir) / "demo_data"  # where resolve_root writes it when data.root is empty
+    writes_demo = not cfg.data.root and not (demo / "COMPLETE").exists()
+    root = resolve_root(cfg)
+    if writes_demo:
+        print(
+            f"wrote the demo data set (5,000 MNIST digits as JPEG) to {root}: the checkpoint's data.root is empty "
+            "(--data reads another folder)",
+            file=sys.stderr,
+        )
+    return labelled_root(root)
 
 
 def read_checkpoint(path: Path) -> dict:

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import time
 from pathlib import Path
 
@@ -121,11 +122,22 @@ def from_timm_state_dict(encoder: VisionTransformer, state: dict[str, torch.Tens
     load_weights(encoder, state, source)
 
 
+def umask() -> int:
+    """The process's umask (reading it sets it: it is set back at once)."""
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
 def export(checkpoint: Path, out: Path) -> Path:
+    """Write `out` (.safetensors; its folder made if need be) and its .json beside; the weights get the mode any new
+    file gets (safetensors writes a temporary file, mode 0600, and renames it over `out`)."""
     encoder, _ = load_encoder(checkpoint)
     from safetensors.torch import save_file
 
+    out.parent.mkdir(parents=True, exist_ok=True)
     save_file(to_timm_state_dict(encoder), str(out))
+    out.chmod(0o666 & ~umask())
     out.with_suffix(".json").write_text(json.dumps(timm_spec(encoder), indent=2) + "\n")
     return out
 
@@ -144,7 +156,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.format == "official":
         state = read_checkpoint(args.checkpoint)
         method = method_class(state["config"]["method"]["name"])
-        torch.save(method.to_official(state, str(args.checkpoint)), args.out)
+        official = method.to_official(state, str(args.checkpoint))
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        torch.save(official, args.out)
         print_result({"weights": str(args.out), "format": f"official {method.name}"}, started)
         return 0
     out = export(args.checkpoint, args.out)

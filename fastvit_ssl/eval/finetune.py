@@ -26,11 +26,10 @@ from torch.utils.data import DataLoader, Dataset
 
 from fastvit_ssl.config import ConfigError, load
 from fastvit_ssl.data.augment import ViewAugment
-from fastvit_ssl.data.build import resolve_root
-from fastvit_ssl.data.folder import first_readable, labelled_root, scan_image_folder
+from fastvit_ssl.data.folder import first_readable, scan_image_folder
 from fastvit_ssl.data.randaugment import rand_augment, random_erase
 from fastvit_ssl.data.torch_pipeline import EvalDataset, augment_image, to_normalized_tensor
-from fastvit_ssl.eval.encoder import load_encoder, random_encoder
+from fastvit_ssl.eval.encoder import eval_root, load_encoder, random_encoder
 from fastvit_ssl.eval.export import from_timm_state_dict
 from fastvit_ssl.eval.linear import topk_accuracy
 from fastvit_ssl.eval.report import print_result
@@ -224,8 +223,9 @@ def main(argv: list[str] | None = None) -> dict:
         "--pretrained-norm",
         choices=["drop", "fc_norm"],
         default="drop",
-        help="mean pooling's norm: drop the pre-trained final norm, fc_norm starts at 1, 0 (BEiT's official "
-        "fine-tuning), or fc_norm takes the pre-trained norm",
+        help="what mean pooling (MAE's and BEiT's fine-tuning) makes of the pre-trained final norm: drop (the "
+        "default) drops it and the norm of the mean, fc_norm, starts at weight 1, bias 0 (BEiT's official "
+        "fine-tuning); fc_norm loads it as the norm of the mean",
     )
     for field, default in vars(Recipe()).items():
         if field == "layer_decay":  # its default depends on the checkpoint's method
@@ -253,7 +253,7 @@ def main(argv: list[str] | None = None) -> dict:
         recipe.pool = method.finetune_pool
     if recipe.pool not in ("cls", "cls+mean"):
         raise ConfigError(f"--pool {recipe.pool!r} must be auto, cls or cls+mean")
-    root = labelled_root(args.data or resolve_root(cfg))
+    root = eval_root(cfg, args.data)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     return print_result({**finetune(encoder, root, recipe, device), "random_init": args.random_init}, started)
 

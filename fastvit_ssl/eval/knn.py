@@ -1,6 +1,6 @@
 """Weighted k-nearest-neighbour classification on frozen features (Wu et al. 2018), the usual SSL monitor.
 
-python -m fastvit_ssl.eval.knn --checkpoint runs/demo [--data ROOT] [--k 20] [--temperature 0.07]
+python -m fastvit_ssl.eval.knn --checkpoint runs/demo [--data ROOT] [--k 20] [--temperature 0.07] [--random-init]
 """
 
 from __future__ import annotations
@@ -77,9 +77,9 @@ def main(argv: list[str] | None = None) -> dict:
     import time
     from pathlib import Path
 
-    from fastvit_ssl.data.build import build_eval_data, resolve_root
-    from fastvit_ssl.data.folder import labelled_root, scan_image_folder
-    from fastvit_ssl.eval.encoder import load_encoder
+    from fastvit_ssl.data.build import build_eval_data
+    from fastvit_ssl.data.folder import scan_image_folder
+    from fastvit_ssl.eval.encoder import eval_root, load_encoder, random_encoder
     from fastvit_ssl.eval.report import print_result
 
     parser = argparse.ArgumentParser(description="Weighted kNN top-1 of a checkpoint's encoder.")
@@ -87,14 +87,17 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--data", type=Path, help="folder with train/ and val/ (default: the run's data)")
     parser.add_argument("--k", type=int, default=20)
     parser.add_argument("--temperature", type=float, default=0.07)
+    parser.add_argument("--random-init", action="store_true", help="evaluate a randomly initialised encoder instead")
     args = parser.parse_args(argv)
     started = time.perf_counter()
     encoder, cfg = load_encoder(args.checkpoint)
-    root = labelled_root(args.data or resolve_root(cfg))
+    if args.random_init:
+        encoder = random_encoder(cfg)
+    root = eval_root(cfg, args.data)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     eval_data = build_eval_data(cfg, root, *scan_image_folder(root / "train"))
     top1 = knn_top1(encoder.to(device), *eval_data, device, args.k, args.temperature)
-    return print_result({"knn_top1": top1}, started)
+    return print_result({"knn_top1": top1, "random_init": args.random_init}, started)
 
 
 if __name__ == "__main__":
