@@ -135,10 +135,11 @@ def export(checkpoint: Path, out: Path) -> Path:
     encoder, _ = load_encoder(checkpoint)
     from safetensors.torch import save_file
 
+    spec = timm_spec(encoder)  # before writing anything: it refuses what timm cannot build
     out.parent.mkdir(parents=True, exist_ok=True)
     save_file(to_timm_state_dict(encoder), str(out))
     out.chmod(0o666 & ~umask())
-    out.with_suffix(".json").write_text(json.dumps(timm_spec(encoder), indent=2) + "\n")
+    out.with_suffix(".json").write_text(json.dumps(spec, indent=2) + "\n")
     return out
 
 

@@ -24,9 +24,9 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from fastvit_ssl.data.build import build_eval_data, resolve_root
-from fastvit_ssl.data.folder import labelled_root, scan_image_folder
-from fastvit_ssl.eval.encoder import load_encoder, random_encoder
+from fastvit_ssl.data.build import build_eval_data
+from fastvit_ssl.data.folder import scan_image_folder
+from fastvit_ssl.eval.encoder import eval_root, load_encoder, random_encoder
 from fastvit_ssl.eval.knn import extract_features
 from fastvit_ssl.eval.report import print_result
 from fastvit_ssl.methods.base import method_class
@@ -124,7 +124,7 @@ def main(argv: list[str] | None = None) -> dict:
     protocol = protocol if protocol != "auto" else method_class(cfg.method.name).probe_protocol
     if args.random_init:
         encoder = random_encoder(cfg)
-    root = labelled_root(args.data or resolve_root(cfg))
+    root = eval_root(cfg, args.data)
     train_samples, classes = scan_image_folder(root / "train")
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     top1, top5 = linear_probe(
