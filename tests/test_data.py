@@ -11,6 +11,7 @@ from PIL import Image
 from fastvit_ssl.data.augment import ViewAugment, moco_v3_views, sample_crop
 from fastvit_ssl.data.folder import DataError, scan_image_folder
 from fastvit_ssl.data.torch_pipeline import (
+    EvalLoader,
     MultiViewDataset,
     ShardedBatchSampler,
     TorchViewLoader,
@@ -123,16 +124,49 @@ def test_corrupt_images_are_replaced_and_counted(tmp_path, caplog):
     with caplog.at_level(logging.WARNING):
         batch = next(iter(loader))
     assert [v.shape for v in batch.views] == [(6, 3, 16, 16)] * 2  # the batch stays full
-    assert batch.skipped >= 3  # each bad file is skipped at least once (more when several samples hit it)
-    assert "skipping unreadable image" in caplog.text and str(files[1]) in caplog.text
+    assert batch.skipped == 3  # the 3 bad files, each drawn once (not the bad replacements tried on the way)
+    assert "unreadable image" in caplog.text and str(files[1]) in caplog.text
     caplog.clear()
     loader.start(1)
-    assert next(iter(loader)).skipped >= 3 and "skipping unreadable image" not in caplog.text  # warned once
+    assert next(iter(loader)).skipped == 3 and "unreadable image" not in caplog.text  # warned once
     for bad in files[:4]:
         bad.write_bytes(b"")
     dataset = MultiViewDataset([(str(f), 0) for f in files[:4]], moco_v3_views(16))
     with pytest.raises(DataError, match="consecutive unreadable images"):
         dataset[(0, 0)]
+
+
+def unreadable_warnings(caplog) -> list[str]:
+    """The files named by the unreadable-image warnings logged, one entry per warning."""
+    return [r.args[0] for r in caplog.records if r.getMessage().startswith("unreadable image")]
+
+
+def test_unreadable_images_are_warned_once_per_run_and_counted_per_draw(tmp_path, caplog):
+    """With loader workers, which meet files in any order and (for evaluation) are new at every pass: one warning
+    per bad file, from the main process; `skipped` counts the bad images drawn, not the bad replacements tried."""
+    root = make_image_folder(tmp_path, classes=2, per_class=6)
+    files = sorted((root / "class_0").iterdir())
+    files[2].write_bytes(files[2].read_bytes()[:200])  # truncated JPEG, whose replacement is
+    files[3].write_bytes(b"")  # a zero-byte file
+    samples, _ = scan_image_folder(root)
+    loader = TorchViewLoader(samples, moco_v3_views(16), 5, 0, 1, seed=0, num_workers=2)
+    sampler = ShardedBatchSampler(len(samples), 5, 0, 1, seed=0)  # the loader's draws: 10 of the 12 per epoch
+    skipped, drawn_bad = [], []
+    with caplog.at_level(logging.WARNING):
+        for epoch in range(2):
+            loader.start(epoch)
+            skipped.append(sum(batch.skipped for batch in loader))
+            sampler.start(epoch)
+            drawn_bad.append(sum(i in (2, 3) for batch in sampler for i, _ in batch))
+        loader.close()
+        assert skipped == drawn_bad == [2, 1]  # epoch 0 draws the truncated file, whose replacement is bad too
+        assert sorted(unreadable_warnings(caplog)) == [str(files[2]), str(files[3])]
+        caplog.clear()
+        files[4].write_bytes(b"")  # met first by evaluation
+        for _ in range(2):
+            evaluation = EvalLoader(samples, 16, batch_size=4, num_workers=2)
+            assert sum(len(labels) for _, labels in evaluation) == len(samples)
+    assert unreadable_warnings(caplog) == [str(files[4])]
 
 
 def test_eval_transform_centre_crops():

@@ -5,7 +5,6 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
-from torch.utils.data import DataLoader
 
 from fastvit_ssl import distributed
 from fastvit_ssl.config import Config
@@ -13,7 +12,7 @@ from fastvit_ssl.data.augment import ViewAugment
 from fastvit_ssl.data.dali import DaliViewLoader, dali_available
 from fastvit_ssl.data.demo import build_demo_dataset
 from fastvit_ssl.data.folder import DataError, scan_image_folder
-from fastvit_ssl.data.torch_pipeline import EvalDataset, TorchViewLoader
+from fastvit_ssl.data.torch_pipeline import EvalLoader, TorchViewLoader
 
 
 def resolve_root(cfg: Config) -> Path:
@@ -82,8 +81,9 @@ def build_eval_data(cfg: Config, root: Path, train_samples: list, classes: list[
         return None
     val_samples, _ = scan_image_folder(root / "val", classes)
     return tuple(
-        DataLoader(
-            EvalDataset(s, cfg.model.img_size),
+        EvalLoader(
+            s,
+            cfg.model.img_size,
             batch_size=batch_size,
             num_workers=min(cfg.data.num_workers, 4),
             generator=torch.Generator(),  # iterating draws a worker seed: not from the global RNG training uses

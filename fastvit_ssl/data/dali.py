@@ -25,7 +25,7 @@ import torch
 from fastvit_ssl import distributed
 from fastvit_ssl.data.augment import ViewAugment
 from fastvit_ssl.data.check import quick_check
-from fastvit_ssl.data.folder import DataError
+from fastvit_ssl.data.folder import REPORTED, DataError
 from fastvit_ssl.data.torch_pipeline import Batch, ShardedBatchSampler
 
 log = logging.getLogger(__name__)
@@ -208,10 +208,13 @@ def _next(iterator) -> dict:
 
 
 def _drop_unreadable(samples: list[tuple[str, int]]) -> list[tuple[str, int]]:
-    """Leave out the files that fail the structural check (rank 0 checks, the other ranks receive its verdict)."""
+    """Leave out the files that fail the structural check (rank 0 checks, the other ranks receive its verdict), with
+    one warning that counts them; they count as reported, so evaluation passes, which read them with Pillow, do not
+    warn about them again. No batch draws them: DALI's skipped_images stay 0."""
     checks_here = distributed.is_main() or not distributed.is_initialized()
     bad = distributed.broadcast_object(quick_check([p for p, _ in samples]) if checks_here else None)
     if bad:
         examples = "; ".join(f"{Path(samples[i][0]).name}: {r}" for i, r in list(bad.items())[:5])
         log.warning("DALI: left out %d unreadable file(s) of %d (%s)", len(bad), len(samples), examples)
+        REPORTED.update(samples[i][0] for i in bad)
     return [s for i, s in enumerate(samples) if i not in bad]

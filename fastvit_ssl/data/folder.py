@@ -70,23 +70,48 @@ def load_rgb(path: str) -> Image.Image:
         return img.convert("RGB")
 
 
-WARNED: set[str] = set()  # unreadable files already reported by this process
+REPORTED: set[str] = set()  # unreadable files this process has warned about
 
 
-def first_readable(samples: list[tuple[str, int]], index: int, attempts: int = 16) -> tuple[Image.Image, int, int]:
-    """(image, label, number of unreadable files skipped): sample `index`, or the next readable one after it.
+def report_unreadable(unreadable: list[tuple[str, str]]) -> None:
+    """Warn about each (path, reason) the first time this process meets it; later meetings are silent (training
+    still counts each draw of it in skipped_images)."""
+    for path, reason in unreadable:
+        if path not in REPORTED:
+            REPORTED.add(path)
+            log.warning(
+                "unreadable image %s (%s), replaced by the next readable one; warned once, "
+                "each time training draws it counts in skipped_images",
+                path,
+                reason,
+            )
+
+
+def first_readable(
+    samples: list[tuple[str, int]], index: int, attempts: int = 16, report: bool = True
+) -> tuple[Image.Image, int, list[tuple[str, str]]]:
+    """(image, label, [(path, reason)] of the unreadable files tried): sample `index`, or the next readable one after
+    it (the list is empty when sample `index` was readable).
+
+    With `report` the unreadable files are warned about here, once per file and process (report_unreadable). Loaders
+    whose worker processes read pass False and report the returned list in their main process, so each file is warned
+    about once per rank, whichever worker, epoch or evaluation pass meets it.
 
     Replacing instead of dropping keeps every batch full, which the all-gather of keys across ranks needs.
     """
+    unreadable = []
     for offset in range(attempts):
         path, label = samples[(index + offset) % len(samples)]
         try:
-            return load_rgb(path), label, offset
+            img = load_rgb(path)
+            break
         except (OSError, ValueError, Image.DecompressionBombError, SyntaxError) as e:
-            if path not in WARNED:  # once per file and loader process, not every epoch
-                WARNED.add(path)
-                log.warning("skipping unreadable image %s (%s: %s)", path, type(e).__name__, e)
-    raise DataError(
-        f"{attempts} consecutive unreadable images from {samples[index][0]}; "
-        "check the data with `python -m fastvit_ssl.data.check DIR`"
-    )
+            unreadable.append((path, f"{type(e).__name__}: {e}"))
+    else:
+        raise DataError(
+            f"{attempts} consecutive unreadable images from {samples[index][0]}; "
+            "check the data with `python -m fastvit_ssl.data.check DIR`"
+        )
+    if report:
+        report_unreadable(unreadable)
+    return img, label, unreadable

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import random
 import weakref
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -16,7 +16,7 @@ from PIL import Image, ImageEnhance, ImageFilter, ImageOps
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from fastvit_ssl.data.augment import IMAGENET_MEAN, IMAGENET_STD, ViewAugment, sample_crop
-from fastvit_ssl.data.folder import DataError, first_readable
+from fastvit_ssl.data.folder import DataError, first_readable, report_unreadable
 from fastvit_ssl.preemption import ignore_in_worker
 
 
@@ -24,7 +24,8 @@ from fastvit_ssl.preemption import ignore_in_worker
 class Batch:
     views: list[torch.Tensor]  # each [B, 3, S, S] normalised float, or [B, S, S, 3] uint8 (ViewAugment.uint8)
     labels: torch.Tensor  # [B] class index (unused by pre-training, kept for monitors)
-    skipped: int  # unreadable files replaced in this batch
+    skipped: int  # samples of this batch whose image was unreadable (one per draw; replacements tried not counted)
+    unreadable: list[tuple[str, str]] = field(default_factory=list)  # (path, reason) of every unreadable file met
 
 
 def color_jitter(img: Image.Image, view: ViewAugment, rng: random.Random) -> Image.Image:
@@ -89,7 +90,8 @@ def eval_transform(img: Image.Image, size: int) -> torch.Tensor:
 
 
 class MultiViewDataset(Dataset):
-    """Indexed by (image index, sample seed); returns (views, label, skipped)."""
+    """Indexed by (image index, sample seed); returns (views, label, unreadable files tried), not warning about
+    them: TorchViewLoader does, in the main process."""
 
     def __init__(self, samples: list[tuple[str, int]], views: list[ViewAugment]):
         self.samples, self.views = samples, views
@@ -99,23 +101,44 @@ class MultiViewDataset(Dataset):
 
     def __getitem__(self, key: tuple[int, int]):
         index, seed = key
-        img, label, skipped = first_readable(self.samples, index)
+        img, label, unreadable = first_readable(self.samples, index, report=False)
         rng = random.Random(seed)
-        return [augment_view(img, v, rng) for v in self.views], label, skipped
+        return [augment_view(img, v, rng) for v in self.views], label, unreadable
 
 
 class EvalDataset(Dataset):
-    """Centre-cropped, unaugmented images with labels, for kNN and linear evaluation."""
+    """Centre-cropped, unaugmented images with labels, for kNN and linear evaluation: (image, label), unreadable files
+    warned about by the process that reads them; with report=False (image, label, unreadable files tried), for
+    EvalLoader to warn in the main process."""
 
-    def __init__(self, samples: list[tuple[str, int]], size: int):
-        self.samples, self.size = samples, size
+    def __init__(self, samples: list[tuple[str, int]], size: int, report: bool = True):
+        self.samples, self.size, self.report = samples, size, report
 
     def __len__(self) -> int:
         return len(self.samples)
 
     def __getitem__(self, index: int):
-        img, label, _ = first_readable(self.samples, index)
-        return eval_transform(img, self.size), label
+        img, label, unreadable = first_readable(self.samples, index, report=self.report)
+        item = eval_transform(img, self.size), label
+        return item if self.report else (*item, unreadable)
+
+
+def collate_eval(items) -> tuple[torch.Tensor, torch.Tensor, list[tuple[str, str]]]:
+    images, labels, unreadable = zip(*items)
+    return torch.stack(images), torch.tensor(labels), [u for item in unreadable for u in item]
+
+
+class EvalLoader(DataLoader):
+    """Batches (images, labels) of centre-cropped `samples`; the unreadable files its workers meet are warned about
+    here, in the main process, once per file however many evaluation passes (each with new workers) read them."""
+
+    def __init__(self, samples: list[tuple[str, int]], size: int, **kwargs):
+        super().__init__(EvalDataset(samples, size, report=False), collate_fn=collate_eval, **kwargs)
+
+    def __iter__(self):
+        for images, labels, unreadable in super().__iter__():
+            report_unreadable(unreadable)
+            yield images, labels
 
 
 class ShardedBatchSampler(Sampler):
@@ -152,7 +175,8 @@ class ShardedBatchSampler(Sampler):
 def collate_views(items) -> Batch:
     views = [torch.stack(v) for v in zip(*(item[0] for item in items))]
     labels = torch.tensor([item[1] for item in items])
-    return Batch(views, labels, sum(item[2] for item in items))
+    unreadable = [item[2] for item in items]  # first entry, if any: the drawn image itself
+    return Batch(views, labels, sum(map(bool, unreadable)), [u for tried in unreadable for u in tried])
 
 
 def stop_workers(loader: DataLoader) -> None:
@@ -164,6 +188,10 @@ def stop_workers(loader: DataLoader) -> None:
 
 class TorchViewLoader:
     """Pre-training batches of this rank from the Pillow pipeline; `start(epoch, first_batch)` positions it.
+
+    Unreadable images are replaced by the next readable one (first_readable) in the workers, and warned about here,
+    in the main process: once per file and rank, whichever worker met it; every draw counts in the batch's
+    `skipped`.
 
     Args:
         samples: [(path, label)] of the training set.
@@ -205,4 +233,6 @@ class TorchViewLoader:
         self.sampler.start(epoch, first_batch)
 
     def __iter__(self):
-        return iter(self.loader)
+        for batch in self.loader:
+            report_unreadable(batch.unreadable)
+            yield batch
