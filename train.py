@@ -163,6 +163,7 @@ def train_loop(
         for batch in loader:
             hp = schedules.at(step, guard.lr_scale)  # the schedules move every iteration
             metrics, finite = engine.step(batch.views, step, hp)
+            metrics |= distributed.mean_over_ranks({k: v for k, v in metrics.items() if k.split("/")[0] == "loss"})
             step += 1  # a skipped step still consumes its batch and moves the schedules
             metrics |= hp.values
             monitor.train_step(

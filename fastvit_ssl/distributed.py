@@ -137,6 +137,14 @@ def all_reduce_mean(x: torch.Tensor) -> torch.Tensor:
     return _all_reduce(x, dist.ReduceOp.SUM) / world_size() if world_size() > 1 else x
 
 
+def mean_over_ranks(scalars: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Each 0-d tensor's mean over the ranks (in fp64), in one all-reduce; the same dict single-process."""
+    if world_size() == 1 or not scalars:
+        return scalars
+    means = all_reduce_mean(torch.stack([v.detach().to(torch.float64) for v in scalars.values()]))
+    return dict(zip(scalars, means.unbind()))
+
+
 def all_reduce_max(x: torch.Tensor) -> torch.Tensor:
     return _all_reduce(x, dist.ReduceOp.MAX) if world_size() > 1 else x
 
