@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from PIL import Image
 from torch.utils.data import DataLoader
 
-from fastvit_ssl.data.folder import IMAGE_EXTENSIONS, DataError, load_rgb, scan_image_folder
+from fastvit_ssl.data.folder import IMAGE_EXTENSIONS, UNREADABLE, DataError, load_rgb, scan_image_folder
 from fastvit_ssl.data.preview import to_image
 from fastvit_ssl.data.torch_pipeline import EvalDataset, eval_transform
 from fastvit_ssl.eval.encoder import eval_root, load_encoder
@@ -72,7 +72,7 @@ def readable_images(files: list[Path]) -> list[Image.Image]:
     for path in files:
         try:
             images.append(load_rgb(str(path)))
-        except (OSError, ValueError, Image.DecompressionBombError, SyntaxError) as e:
+        except UNREADABLE as e:
             log.warning("skipping unreadable image %s (%s: %s)", path, type(e).__name__, e)
     if not images:
         raise DataError(f"--images: none of the {len(files)} file(s) could be read as an image (each named above)")

@@ -63,8 +63,12 @@ def labelled_root(root: str | Path) -> Path:
     return root
 
 
+UNREADABLE = (OSError, ValueError, Image.DecompressionBombError, SyntaxError)  # what load_rgb raises for a bad file
+
+
 def load_rgb(path: str) -> Image.Image:
-    """Decode fully (so truncated files fail here, not later) and convert grayscale/CMYK/palette to RGB."""
+    """Decode fully (so truncated files fail here, not later) and convert grayscale/CMYK/palette to RGB; a file
+    that is not a readable image raises one of UNREADABLE."""
     with Image.open(path) as img:
         img.load()
         return img.convert("RGB")
@@ -105,7 +109,7 @@ def first_readable(
         try:
             img = load_rgb(path)
             break
-        except (OSError, ValueError, Image.DecompressionBombError, SyntaxError) as e:
+        except UNREADABLE as e:
             unreadable.append((path, f"{type(e).__name__}: {e}"))
     else:
         raise DataError(
